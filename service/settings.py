@@ -1,0 +1,44 @@
+"""All service settings in one pydantic-settings class (env prefix DOTSEARCH_, .env file)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; each field is also `DOTSEARCH_<NAME>` in the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DOTSEARCH_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    host: str = Field(default="127.0.0.1", description="Interface to bind")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port")
+    data_dir: Path = Field(default=Path("./dotsearch-data"), description="DuckDB file and state")
+    backend: Literal["auto", "gpu", "cpu"] = Field(default="auto", description="Vector engine")
+    weights: str = Field(
+        default="auto", description="Featurizer weights: auto | imagenet | random | <path>"
+    )
+    featurizer_batch: int = Field(default=32, ge=1, le=4096, description="Images per model call")
+    load_featurizer: bool = Field(default=True, description="Load Inception-v3 at start")
+    batch_window_ms: float = Field(default=1.0, ge=0, le=1000, description="Search batcher window")
+    batch_max: int = Field(default=64, ge=1, le=65536, description="Most queries per call")
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="Per-image byte limit")
+    max_image_pixels: int = Field(default=50_000_000, ge=1, description="Per-image pixel limit")
+    max_body_bytes: int = Field(default=512 * 1024 * 1024, ge=1, description="Request body limit")
+    thumbnail_size: int = Field(default=128, ge=16, le=1024, description="Thumbnail longest side")
+    api_key: str | None = Field(default=None, description="Read-write API key (X-API-Key)")
+    read_only_api_key: str | None = Field(default=None, description="Read-only API key (X-API-Key)")
+    duckdb_memory_limit: str = Field(default="512MB", description="DuckDB memory_limit")
+    log_level: str = Field(default="info", description="Log level")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment and .env."""
+    return Settings()
