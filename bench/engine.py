@@ -1,0 +1,305 @@
+"""Engine suite: dotsearch's indexes against peers on one grid (and ``python -m bench.engine``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from bench.harness import (
+    Report,
+    clean,
+    default_out_dir,
+    device_info,
+    fits_in_memory,
+    gpu_status,
+    measure,
+    random_vectors,
+)
+from bench.peers import Searcher, System, release, systems
+
+MIN_RECALL = {"float32": 0.99, "float16": 0.9}
+SCORE_TOLERANCE = {"float32": 2e-3, "float16": 2e-2}
+CHECK_QUERIES = 64
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the grid."""
+
+    n: int
+    dim: int
+    q: int
+    k: int
+    dtype: str = "float32"
+    metric: str = "cosine"
+
+
+def exact_reference(ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray, k: int,
+                    metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 exact top-k (best first, ties by id), computed in row chunks."""
+    q64 = queries.astype(np.float64)
+    if metric == "cosine":
+        q64 /= np.linalg.norm(q64, axis=1, keepdims=True)
+    k = min(k, len(ids))
+    best_scores = np.empty((len(q64), 0))
+    best_ids = np.empty((len(q64), 0), dtype=np.int64)
+    step = max(1, (1 << 24) // vectors.shape[1])
+    for lo in range(0, len(ids), step):
+        block = vectors[lo : lo + step].astype(np.float64)
+        if metric == "cosine":
+            block /= np.linalg.norm(block, axis=1, keepdims=True)
+        scores = q64 @ block.T
+        if metric == "l2":
+            sq = (block * block).sum(1)[None, :] - 2 * scores + (q64 * q64).sum(1)[:, None]
+            scores = -np.sqrt(np.maximum(sq, 0))
+        all_scores = np.concatenate([best_scores, scores], axis=1)
+        all_ids = np.concatenate([best_ids, np.broadcast_to(ids[lo : lo + step], scores.shape)], 1)
+        order = np.lexsort((all_ids, -all_scores), axis=1)[:, :k]
+        best_scores = np.take_along_axis(all_scores, order, 1)
+        best_ids = np.take_along_axis(all_ids, order, 1)
+    if metric == "l2":
+        best_scores = -best_scores
+    return best_scores, best_ids
+
+
+def check_answers(scores: np.ndarray, found: np.ndarray, ref_scores: np.ndarray,
+                  ref_ids: np.ndarray, dtype: str) -> tuple[float, str | None]:
+    """Recall@k against the exact answer, and why the answers are refused (None when fine).
+
+    Refused: wrong shape, recall under MIN_RECALL[dtype], or a score at some rank further
+    from the exact score at that rank than SCORE_TOLERANCE[dtype].
+    """
+    scores, found = np.asarray(scores), np.asarray(found)
+    if found.shape != ref_ids.shape or scores.shape != ref_ids.shape:
+        return 0.0, f"shape {found.shape} instead of {ref_ids.shape}"
+    k = ref_ids.shape[1]
+    if k == 0:
+        return 1.0, None
+    hits = [len(set(row.tolist()) & set(ref.tolist())) for row, ref in zip(found, ref_ids,
+                                                                           strict=True)]
+    recall = float(np.mean(hits) / k)
+    if recall < MIN_RECALL[dtype]:
+        return recall, f"recall {recall:.3f} < {MIN_RECALL[dtype]}"
+    error = np.abs(scores.astype(np.float64) - ref_scores)
+    worst = float(np.nanmax(np.where(np.isfinite(error), error, np.inf)))
+    if worst > SCORE_TOLERANCE[dtype]:
+        return recall, f"scores off by {worst:.3g} > {SCORE_TOLERANCE[dtype]}"
+    return recall, None
+
+
+def engine_cells(quick: bool, on_gpu: bool) -> list[Cell]:
+    """The grid: an N x d sweep at Q in (1, 256 or 16), then Q, k, dtype and metric sweeps."""
+    cells: list[Cell] = []
+    if quick:
+        for n in (10_000, 50_000):
+            for dim in (128, 2048):
+                cells += [Cell(n, dim, 1, 10), Cell(n, dim, 16, 10)]
+        cells += [Cell(50_000, 2048, 1, 10, "float16"), Cell(10_000, 512, 256, 100),
+                  Cell(10_000, 512, 16, 10, metric="l2"), Cell(10_000, 512, 16, 10, metric="dot")]
+        if on_gpu:
+            cells += [Cell(1_000_000, 2048, 1, 10, "float16"), Cell(1_000_000, 2048, 1024, 100,
+                                                                   "float16")]
+        return cells
+    ns = [10_000, 100_000, 1_000_000] + ([10_000_000] if on_gpu else [])
+    for n in ns:
+        for dim in (128, 512, 2048):
+            for q in (1, 256):
+                cells.append(Cell(n, dim, q, 10))
+                if on_gpu:
+                    cells.append(Cell(n, dim, q, 10, "float16"))
+    base_n = 1_000_000 if on_gpu else 100_000
+    cells += [Cell(base_n, 2048, q, 10) for q in (16, 1024)]
+    cells += [Cell(base_n, 2048, 256, k) for k in (1, 100, 1000)]
+    cells += [Cell(base_n, 2048, q, 10, "float16") for q in (1, 16, 256, 1024) if not on_gpu]
+    cells += [Cell(base_n, 2048, q, 10, metric=m) for m in ("dot", "l2") for q in (1, 256)]
+    return list(dict.fromkeys(cells))
+
+
+def _floor_s(cell: Cell, system: System, limits: dict[str, float]) -> float | None:
+    """The time the hardware needs at least: bytes / bandwidth or flops / GEMM peak."""
+    itemsize = 2 if cell.dtype == "float16" else 4
+    if system.device == "gpu":
+        bandwidth = limits.get("device_read_GBps")
+        peak = limits.get(f"device_gemm_{cell.dtype}_GFLOPs")
+    else:
+        bandwidth = limits.get("host_read_GBps")
+        peak = limits.get("host_gemm_float32_GFLOPs")
+    if not bandwidth or not peak:
+        return None
+    return max(cell.n * cell.dim * itemsize / (bandwidth * 1e9),
+               2.0 * cell.n * cell.dim * cell.q / (peak * 1e9))
+
+
+def run_cells(report: Report, cells: Iterable[Cell], contenders: list[System],
+              limits: dict[str, float], max_call_s: float, budget_s: float,
+              suite: str = "engine") -> list[dict[str, Any]]:
+    """Run every contender on every cell; refuse wrong answers; record rows and speed-ups."""
+    out: list[dict[str, Any]] = []
+    data_key: tuple[int, int] | None = None
+    vectors = np.empty((0, 0), dtype=np.float32)
+    ids = np.empty(0, dtype=np.int64)
+    for cell in cells:
+        if not fits_in_memory(cell.n * cell.dim * 4 * 2.5):
+            report.note(suite, f"skipped {cell}: {cell.n * cell.dim * 4 / 2**30:.1f} GiB of "
+                               "vectors does not fit in this machine's memory with headroom")
+            continue
+        if data_key != (cell.n, cell.dim):
+            vectors, ids = np.empty((0, 0), dtype=np.float32), np.empty(0, dtype=np.int64)
+            release()
+            vectors = random_vectors(cell.n, cell.dim, offset=cell.n + cell.dim)
+            ids = np.arange(cell.n, dtype=np.int64) * 7 + 3  # ids that are not row numbers
+            data_key = (cell.n, cell.dim)
+        rotations = 8 if cell.q == 1 else 2
+        batches = [random_vectors(cell.q, cell.dim, offset=1000 + r) for r in range(rotations)]
+        check = np.concatenate(batches)[:CHECK_QUERIES]
+        ref_scores, ref_ids = exact_reference(ids, vectors, check, cell.k, cell.metric)
+        cell_rows: list[dict[str, Any]] = []
+        for system in contenders:
+            row: dict[str, Any] = {**asdict(cell), "system": system.name}
+            reason = system.skip(cell.n, cell.dim, cell.q, cell.k, cell.metric, cell.dtype)
+            work = cell.n * cell.dim * cell.q
+            if reason is None and system.rate and work / system.rate > max_call_s:
+                reason = f"estimated over {max_call_s:g} s per call"
+            if reason is None and not fits_in_memory(vectors.nbytes * system.extra_copies):
+                reason = "its copy of the vectors does not fit in memory"
+            if reason is not None:
+                row["status"] = f"skipped: {reason}"
+                cell_rows.append(row)
+                continue
+            try:
+                searcher = system.build(ids, vectors, cell.metric, cell.dtype)
+                got_scores, got_ids = np.empty(0), np.empty(0)
+                for lo in range(0, len(check), cell.q):
+                    part_scores, part_ids = searcher.search(check[lo : lo + cell.q], cell.k)
+                    got_scores = np.concatenate([got_scores.reshape(-1, part_scores.shape[1]),
+                                                 np.asarray(part_scores)])
+                    got_ids = np.concatenate([got_ids.reshape(-1, part_ids.shape[1]),
+                                              np.asarray(part_ids)])
+                recall, refusal = check_answers(got_scores, got_ids, ref_scores, ref_ids,
+                                                cell.dtype)
+                row["recall"] = round(recall, 4)
+                if refusal is not None:
+                    row["status"] = f"refused: {refusal}"
+                    cell_rows.append(row)
+                    report.note(suite, f"{system.name} refused on {cell}: {refusal}")
+                    continue
+                timing = measure(_bound_search(searcher, cell.k), batches,
+                                 sync=searcher.sync, budget_s=budget_s)
+            except MemoryError as exc:
+                row["status"] = f"skipped: out of memory ({exc})"
+                cell_rows.append(row)
+                continue
+            except Exception as exc:
+                row["status"] = f"failed: {type(exc).__name__}: {exc}"[:200]
+                cell_rows.append(row)
+                continue
+            finally:
+                searcher = None  # type: ignore[assignment]
+                release()
+            seconds = timing.median_s
+            itemsize = 2 if cell.dtype == "float16" else 4
+            floor = _floor_s(cell, system, limits)
+            row.update(status="ok", median_ms=seconds * 1e3, qps=cell.q / seconds,
+                       vectors_per_s=cell.n * cell.q / seconds,
+                       GB_per_s=cell.n * cell.dim * itemsize / seconds / 1e9,
+                       GFLOP_per_s=2.0 * cell.n * cell.dim * cell.q / seconds / 1e9,
+                       floor_frac=clean(floor / seconds) if floor else None)
+            cell_rows.append(row)
+        for row in cell_rows:
+            print(_line(row), flush=True)
+        _speedups(report, suite, cell_rows)
+        for row in cell_rows:
+            report.add_row(suite, **{k: clean(v) for k, v in row.items()})
+        out += cell_rows
+    del vectors, ids
+    release()
+    return out
+
+
+def _bound_search(searcher: Searcher, k: int) -> Callable[[np.ndarray], object]:
+    return lambda batch: searcher.search(batch, k)
+
+
+def _line(row: dict[str, Any]) -> str:
+    head = (f"N={row['n']} d={row['dim']} Q={row['q']} k={row['k']} {row['dtype']} "
+            f"{row['metric']} {row['system']:<14}")
+    if row.get("status") != "ok":
+        return f"{head} {row.get('status')}"
+    return (f"{head} {row['median_ms']:9.3f} ms {row['qps']:10.1f} q/s "
+            f"{row['GB_per_s']:7.2f} GB/s floor {row.get('floor_frac') or 0:.2f} "
+            f"recall {row['recall']}")
+
+
+def _speedups(report: Report, suite: str, cell_rows: list[dict[str, Any]]) -> None:
+    """dotsearch's speed-up over every peer that answered correctly in the same cell."""
+    ok = [r for r in cell_rows if r.get("status") == "ok"]
+    for mine in (r for r in ok if r["system"].startswith("dotsearch")):
+        for peer in (r for r in ok if not r["system"].startswith("dotsearch")):
+            report.add_row(f"{suite}-speedups", n=mine["n"], dim=mine["dim"], q=mine["q"],
+                           k=mine["k"], dtype=mine["dtype"], metric=mine["metric"],
+                           system=mine["system"], peer=peer["system"],
+                           speedup=peer["median_ms"] / mine["median_ms"])
+
+
+def plot_engine(report: Report, rows: list[dict[str, Any]], suite: str = "engine") -> None:
+    """Vectors scored per second versus N, one line per system and dtype, per (d, Q)."""
+    groups: dict[tuple[int, int], dict[str, list[tuple[float, float]]]] = {}
+    for row in rows:
+        if row.get("status") != "ok" or row["k"] != 10 or row["metric"] != "cosine":
+            continue
+        series = groups.setdefault((row["dim"], row["q"]), {})
+        series.setdefault(f"{row['system']} {row['dtype']}", []).append(
+            (row["n"], row["vectors_per_s"]))
+    for (dim, q), series in groups.items():
+        if max(len(points) for points in series.values()) >= 2:
+            report.add_plot(f"{suite}_d{dim}_q{q}", f"Exact top-10, d={dim}, Q={q} (cosine)",
+                            "N (vectors)", "vectors scored per second", series)
+
+
+def run_engine(report: Report, quick: bool = False, cells: list[Cell] | None = None,
+               contenders: list[System] | None = None) -> list[dict[str, Any]]:
+    """The engine suite (measures the limits first when this run has not yet)."""
+    if not report.limits:
+        from bench.limits import run_limits
+
+        run_limits(report, quick=quick)
+    on_gpu = gpu_status()[0]
+    contenders = systems() if contenders is None else contenders
+    report.note("engine", "systems: " + ", ".join(s.name for s in contenders))
+    rows = run_cells(report, cells if cells is not None else engine_cells(quick, on_gpu),
+                     contenders, report.limits, max_call_s=0.5 if quick else 10.0,
+                     budget_s=1.0 if quick else 6.0)
+    plot_engine(report, rows)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.engine``: the engine issue's headline ratios (see bench.headline)."""
+    from bench.headline import run_headlines
+
+    parser = argparse.ArgumentParser(prog="python -m bench.engine", description=main.__doc__)
+    parser.add_argument("--n", type=int, default=200_000, help="CPU vectors (default 200000)")
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--gpu-n", type=int, default=1_000_000, help="GPU vectors")
+    parser.add_argument("--out", default=None, help="results directory")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    report = Report(device_info())
+    run_headlines(report, args.n, args.dim, args.gpu_n)
+    if not args.no_write:
+        from pathlib import Path
+
+        out = Path(args.out) if args.out else default_out_dir(report.device)
+        paths = report.write(out)
+        print(f"wrote {paths['json']} and {paths['markdown']}")
+    failed = [r for r in report.ratios if r["value"] is None]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""The engine issue's headline ratios: scan bandwidth vs memory bandwidth, batched QPS vs peers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from bench.engine import check_answers, exact_reference
+from bench.harness import Report, gpu_status, measure, random_vectors
+from bench.limits import host_read_bandwidth
+
+CHECKED = 16
+
+
+def _checked(report: Report, suite: str, name: str, search: Callable[..., Any],
+             queries: np.ndarray, k: int, reference: tuple[np.ndarray, np.ndarray],
+             dtype: str) -> bool:
+    """Run ``search`` on the checked queries; refuse (note, False) when it disagrees."""
+    scores, ids = search(queries[:CHECKED], k)
+    recall, refusal = check_answers(np.asarray(scores), np.asarray(ids), reference[0][:, :k],
+                                    reference[1][:, :k], dtype)
+    report.add_row(suite, measure=f"{name} recall@{k}", value=round(recall, 4), unit="",
+                   detail=refusal or "agrees with the float64 exact answer")
+    if refusal:
+        report.note(suite, f"{name} refused: {refusal}")
+    return refusal is None
+
+
+def cpu_headlines(report: Report, n: int, dim: int, batch: int = 256, k: int = 10) -> None:
+    """Issue 2 on the host: single-query GB/s over bandwidth; Q=256 k=10 QPS over faiss-cpu."""
+    import faiss
+
+    from cpu_fallback import CpuIndex
+
+    suite = "engine-headline"
+    vectors = random_vectors(n, dim, offset=1)
+    ids = np.arange(n, dtype=np.int64)
+    singles = random_vectors(16, dim, offset=2)
+    batches = [random_vectors(batch, dim, offset=3 + r) for r in range(2)]
+    reference = exact_reference(ids, vectors, singles[:CHECKED], k, "dot")
+    bandwidth = host_read_bandwidth(vectors)
+    report.add_row(suite, measure="host read bandwidth (numpy sum over the same matrix)",
+                   value=bandwidth / 1e9, unit="GB/s", detail=f"{vectors.nbytes / 1e9:.2f} GB")
+    index = CpuIndex(dim, metric="dot", dtype="float32")
+    index.add(ids, vectors)
+    if not _checked(report, suite, "CpuIndex", index.search, singles, k, reference, "float32"):
+        report.add_ratio(suite, "CPU single-query scan / memory bandwidth", None, 0.85)
+        report.add_ratio(suite, f"CPU Q={batch} k={k} QPS / faiss-cpu IndexFlatIP QPS", None, 1.0)
+        return
+    single = measure(lambda q: index.search(q, k), [s[None] for s in singles], budget_s=5.0)
+    scan = vectors.nbytes / single.median_s
+    report.add_row(suite, measure=f"CpuIndex single query N={n} d={dim} float32",
+                   value=scan / 1e9, unit="GB/s", detail=f"{single.median_s * 1e3:.2f} ms")
+    report.add_ratio(suite, "CPU single-query scan / memory bandwidth", scan / bandwidth, 0.85,
+                     detail=f"{scan / 1e9:.1f} / {bandwidth / 1e9:.1f} GB/s")
+    ours = measure(lambda b: index.search(b, k), batches, budget_s=8.0)
+    flat = faiss.IndexFlatIP(dim)
+    flat.add(vectors)
+    faiss_ok = _checked(report, suite, "faiss IndexFlatIP",
+                        lambda q, kk: _faiss_ids(flat, q, kk, ids), singles, k, reference,
+                        "float32")
+    theirs = measure(lambda b: flat.search(b, k), batches, budget_s=8.0)
+    report.add_row(suite, measure=f"CpuIndex Q={batch} k={k}", value=batch / ours.median_s,
+                   unit="queries/s", detail=f"{ours.median_s * 1e3:.1f} ms per batch")
+    report.add_row(suite, measure=f"faiss IndexFlatIP Q={batch} k={k}",
+                   value=batch / theirs.median_s, unit="queries/s",
+                   detail=f"{theirs.median_s * 1e3:.1f} ms per batch")
+    report.add_ratio(suite, f"CPU Q={batch} k={k} QPS / faiss-cpu IndexFlatIP QPS",
+                     theirs.median_s / ours.median_s if faiss_ok else None, 1.0)
+
+
+def _faiss_ids(index: Any, queries: np.ndarray, k: int,
+               ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scores, positions = index.search(queries, k)
+    return scores, ids[positions]
+
+
+def _stream(n: int, dim: int, chunk: int = 250_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for lo in range(0, n, chunk):
+        count = min(chunk, n - lo)
+        yield np.arange(lo, lo + count, dtype=np.int64), random_vectors(count, dim, offset=7 + lo)
+
+
+def _merge(best: tuple[np.ndarray, np.ndarray] | None, new: tuple[np.ndarray, np.ndarray],
+           k: int) -> tuple[np.ndarray, np.ndarray]:
+    if best is None:
+        return new
+    scores = np.concatenate([best[0], new[0]], 1)
+    ids = np.concatenate([best[1], new[1]], 1)
+    order = np.lexsort((ids, -scores), axis=1)[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def gpu_headlines(report: Report, n: int, dim: int, batch: int = 1024, k: int = 100) -> None:
+    """On a GPU: float16 single-query scan / device bandwidth; Q=1024 k=100 vs torch, faiss-gpu."""
+    import cupy
+    import torch
+
+    from bench.limits import device_read_bandwidth
+    from gpu import GpuIndex
+
+    suite = "engine-headline-gpu"
+    sync = cupy.cuda.Device().synchronize
+    singles = random_vectors(16, dim, offset=2)
+    batches = [random_vectors(batch, dim, offset=3 + r) for r in range(2)]
+    checked = np.concatenate([singles, batches[0]])[:CHECKED]
+    index = GpuIndex(dim, metric="dot", dtype="float16")
+    device_matrix = cupy.empty((n, dim), dtype=cupy.float16)
+    reference: tuple[np.ndarray, np.ndarray] | None = None
+    for ids, block in _stream(n, dim):
+        index.add(ids, block)
+        device_matrix[ids[0] : ids[-1] + 1] = cupy.asarray(block.astype(np.float16))
+        reference = _merge(reference, exact_reference(ids, block, checked, k, "dot"), k)
+    assert reference is not None
+    bandwidth = device_read_bandwidth(device_matrix)
+    report.add_row(suite, measure="device read bandwidth (same matrix, float16)",
+                   value=bandwidth["best"] / 1e9, unit="GB/s",
+                   detail=f"cupy.sum {bandwidth['reduction'] / 1e9:.0f}, copy read "
+                          f"{bandwidth['copy_read'] / 1e9:.0f}")
+    torch_matrix = torch.as_tensor(device_matrix, device="cuda")  # zero-copy (DLPack)
+    ok = _checked(report, suite, "GpuIndex float16", index.search, checked, k, reference,
+                  "float16")
+    single = measure(lambda q: index.search(q, 10), [s[None] for s in singles], sync=sync,
+                     warmup=3, budget_s=5.0)
+    scan = n * dim * 2 / single.median_s
+    report.add_row(suite, measure=f"GpuIndex single query N={n} d={dim} float16",
+                   value=scan / 1e9, unit="GB/s",
+                   detail=f"{single.median_s * 1e3:.3f} ms, {n / single.median_s:.3g} vectors/s")
+    report.add_ratio(suite, "GPU single-query float16 scan / device read bandwidth",
+                     scan / bandwidth["best"] if ok else None, 0.8,
+                     detail=f"{scan / 1e9:.0f} / {bandwidth['best'] / 1e9:.0f} GB/s")
+    ours = measure(lambda b: index.search(b, k), batches, sync=sync, warmup=2, budget_s=8.0)
+    report.add_row(suite, measure=f"GpuIndex Q={batch} k={k} float16",
+                   value=batch / ours.median_s, unit="queries/s",
+                   detail=f"{n * batch / ours.median_s:.3g} vectors scored/s")
+
+    def torch_search(queries: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        q = torch.from_numpy(queries).to("cuda", torch.float16)
+        values, idx = torch.topk(torch.mm(q, torch_matrix.T).float(), kk, dim=1)
+        return values.cpu().numpy(), idx.cpu().numpy()
+
+    torch_ok = _checked(report, suite, "torch.mm+topk float16", torch_search, checked, k,
+                        reference, "float16")
+    theirs = measure(lambda b: torch_search(b, k), batches, sync=sync, warmup=2, budget_s=8.0)
+    report.add_row(suite, measure=f"torch.mm+topk Q={batch} k={k} float16",
+                   value=batch / theirs.median_s, unit="queries/s", detail="")
+    report.add_ratio(suite, f"GPU Q={batch} k={k} QPS / torch.mm+topk QPS",
+                     theirs.median_s / ours.median_s if ok and torch_ok else None, 1.0)
+    _faiss_gpu_ratio(report, suite, n, dim, batches, checked, k, reference, ours.median_s)
+    report.add_ratio(suite, "GPU vectors scored/s at Q=1 vs MemSQL's 1.25e7 per node",
+                     n / single.median_s / 1.25e7, None, detail="MemSQL 100 nodes: 1e9/s")
+
+
+def _faiss_gpu_ratio(report: Report, suite: str, n: int, dim: int, batches: list[np.ndarray],
+                     checked: np.ndarray, k: int, reference: tuple[np.ndarray, np.ndarray],
+                     ours_s: float) -> None:
+    try:
+        import faiss
+
+        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+            report.note(suite, "faiss-gpu is not installed: no faiss-gpu ratio")
+            return
+    except ImportError:
+        report.note(suite, "faiss is not installed: no faiss-gpu ratio")
+        return
+    import cupy
+
+    resources = faiss.StandardGpuResources()
+    config = faiss.GpuIndexFlatConfig()
+    config.useFloat16 = True
+    flat = faiss.GpuIndexFlatIP(resources, dim, config)
+    for _, block in _stream(n, dim):
+        flat.add(block)
+    ok = _checked(report, suite, "faiss-gpu IndexFlatIP float16",
+                  lambda q, kk: flat.search(q, kk), checked, k, reference, "float16")
+    theirs = measure(lambda b: flat.search(b, k), batches,
+                     sync=cupy.cuda.Device().synchronize, warmup=2, budget_s=8.0)
+    report.add_ratio(suite, f"GPU Q={len(batches[0])} k={k} QPS / faiss-gpu QPS",
+                     theirs.median_s / ours_s if ok else None, 1.0)
+
+
+def run_headlines(report: Report, n: int, dim: int, gpu_n: int) -> None:
+    """Both headline sets that this machine can run."""
+    cpu_headlines(report, n, dim)
+    usable, detail = gpu_status()
+    if usable:
+        gpu_headlines(report, gpu_n, dim)
+    else:
+        report.note("engine-headline", f"GPU headlines not run: {detail}")
