@@ -1,0 +1,64 @@
+"""Backend selection (auto | gpu | cpu) and the index factory the service uses."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from cpu_fallback import CpuIndex
+from gpu import GpuIndex, gpu_available
+from service.index_protocol import VectorIndex
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "gpu", "cpu")
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """The backend in use ("gpu" or "cpu"), the device it runs on, and why it was chosen."""
+
+    name: str
+    device: str
+    reason: str
+
+
+@lru_cache(maxsize=None)
+def select_backend(requested: str = "auto") -> BackendChoice:
+    """auto: the GPU when CuPy imports and sees a device, else the CPU (logged either way).
+
+    gpu: a device is required; without one this fails fast with the reason.
+    """
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    if requested == "cpu":
+        return BackendChoice("cpu", "host", "requested")
+    ok, detail = gpu_available()
+    if ok:
+        log.info("backend: gpu on %s (%s)", detail, requested)
+        return BackendChoice("gpu", detail, requested)
+    if requested == "gpu":
+        raise RuntimeError(f"backend 'gpu' requested but no GPU is usable: {detail}")
+    log.warning("backend: cpu (no usable GPU: %s)", detail)
+    return BackendChoice("cpu", "host", f"no usable GPU: {detail}")
+
+
+def make_index(dim: int, metric: str = "cosine", dtype: str = "float32",
+               backend: str = "auto", **options: Any) -> VectorIndex:
+    """A GpuIndex or CpuIndex per ``select_backend(backend)``; options go to the constructor."""
+    choice = select_backend(backend)
+    index_class = GpuIndex if choice.name == "gpu" else CpuIndex
+    return index_class(dim, metric, dtype, **options)
+
+
+def gpu_memory_info() -> dict[str, int] | None:
+    """Free and total device memory when the GPU backend is usable, else None."""
+    ok, _ = gpu_available()
+    if not ok:
+        return None
+    import cupy
+
+    free, total = cupy.cuda.runtime.memGetInfo()
+    return {"free_bytes": int(free), "total_bytes": int(total)}

@@ -1,0 +1,108 @@
+"""Test support for the index suites: backends to run, a float64 reference, an emulated GPU."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cpu_fallback import CpuIndex
+from gpu import GpuIndex, gpu_available
+
+GPU_OK, GPU_WHY = gpu_available()
+
+
+class EmulatedCudaOps:
+    """numpy stand-in for gpu.device.CudaOps, so GpuIndex's logic runs in CI without a GPU.
+
+    It mirrors the device contract, including the part that matters most for exactness:
+    ``top_k`` picks arbitrarily among equal keys (here: in a random column order), as
+    torch.topk may. It checks the orchestration, not CUDA itself; the ``gpu``-marked
+    tests run the real CudaOps on a device.
+    """
+
+    xp = np
+    name = "emulated (numpy)"
+    out_of_memory: tuple[type[BaseException], ...] = ()
+
+    def __init__(self, seed: int = 0) -> None:
+        self._rng = np.random.default_rng(seed)
+
+    def scores(self, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return queries.astype(np.float32) @ rows.astype(np.float32).T
+
+    def top_k(self, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        shuffle = self._rng.permutation(keys.shape[1])
+        order = np.argsort(-keys[:, shuffle], axis=1, kind="stable")[:, :k]
+        cols = shuffle[order]
+        return np.take_along_axis(keys, cols, axis=1), cols
+
+    def count_at_least(self, keys: np.ndarray, kth: np.ndarray) -> np.ndarray:
+        return (keys >= kth[:, None]).sum(axis=1)
+
+    def to_host(self, array: Any) -> np.ndarray:
+        return np.array(array, copy=True)
+
+    def to_device(self, array: Any) -> np.ndarray:
+        return np.array(array, copy=True)
+
+    def memory(self) -> dict[str, int]:
+        return {}
+
+
+IndexFactory = Callable[..., Any]
+
+
+def _emulated_gpu(dim: int, metric: str = "cosine", dtype: str = "float32", **kw: Any) -> Any:
+    return GpuIndex(dim, metric, dtype, ops=EmulatedCudaOps(), **kw)
+
+
+BACKENDS = [
+    pytest.param(CpuIndex, id="cpu"),
+    pytest.param(_emulated_gpu, id="gpu-emulated"),
+    pytest.param(GpuIndex, id="gpu", marks=[
+        pytest.mark.gpu, pytest.mark.skipif(not GPU_OK, reason=f"no GPU: {GPU_WHY}")]),
+]
+
+
+def stored_values(vectors: np.ndarray, metric: str, dtype: str) -> np.ndarray:
+    """What an index holds for these vectors, as float64."""
+    v = vectors.astype(np.float64)
+    if metric == "cosine":
+        v = v / np.linalg.norm(v, axis=1, keepdims=True)
+    return v.astype(dtype).astype(np.float64)
+
+
+def reference_scores(stored: np.ndarray, queries: np.ndarray, metric: str) -> np.ndarray:
+    q = queries.astype(np.float64)
+    if metric == "cosine":
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    if metric == "l2":
+        return np.sqrt(np.maximum(
+            (q**2).sum(1)[:, None] + (stored**2).sum(1)[None, :] - 2 * q @ stored.T, 0))
+    return q @ stored.T
+
+
+def reference_search(
+    stored: np.ndarray, ids: np.ndarray, queries: np.ndarray, metric: str, k: int,
+    threshold: float | None = None, allow: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """float64 brute force with the index's conventions (ties by id, -1 padding)."""
+    scores = reference_scores(stored, queries, metric)
+    closeness = -scores if metric == "l2" else scores
+    missing = np.inf if metric == "l2" else -np.inf
+    out_s = np.full((len(queries), k), missing)
+    out_i = np.full((len(queries), k), -1, np.int64)
+    for r in range(len(queries)):
+        ok = np.ones(len(ids), bool)
+        if allow is not None:
+            ok &= np.isin(ids, allow)
+        if threshold is not None:
+            ok &= closeness[r] >= (-threshold if metric == "l2" else threshold)
+        cand = np.flatnonzero(ok)
+        order = cand[np.lexsort((ids[cand], -closeness[r, cand]))][:k]
+        out_s[r, : len(order)] = scores[r, order]
+        out_i[r, : len(order)] = ids[order]
+    return out_s, out_i

@@ -1,0 +1,268 @@
+"""One conformance suite for every index backend, against a float64 numpy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.index_support import BACKENDS, reference_scores, reference_search, stored_values
+
+METRICS = ["dot", "cosine", "l2"]
+DTYPES = ["float32", "float16"]
+
+
+@pytest.fixture(params=BACKENDS)
+def make(request):
+    return request.param
+
+
+def tolerance(dtype: str) -> float:
+    # float16 storage (and float16 queries on the GPU) round to ~1e-3 relative.
+    return 2e-2 if dtype == "float16" else 1e-4
+
+
+def assert_matches_reference(scores, ids, ref_scores, ref_ids, all_scores, all_ids, tol):
+    """Scores agree within tol; any id that differs from the reference is a near-tie."""
+    assert scores.dtype == np.float32 and ids.dtype == np.int64
+    assert scores.shape == ref_scores.shape == ids.shape
+    np.testing.assert_array_equal(ids == -1, ref_ids == -1)
+    valid = ref_ids != -1
+    np.testing.assert_allclose(scores[valid], ref_scores[valid], atol=tol, rtol=tol)
+    position = {int(i): p for p, i in enumerate(all_ids)}
+    for r, c in zip(*np.nonzero(valid & (ids != ref_ids)), strict=True):
+        got_ref_score = all_scores[r, position[int(ids[r, c])]]
+        assert abs(got_ref_score - ref_scores[r, c]) <= tol, (r, c)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_search_matches_reference(make, metric, dtype):
+    rng = np.random.default_rng()
+    n, dim = 3000, 48
+    vectors = rng.standard_normal((n, dim)).astype(np.float32) / np.sqrt(dim)
+    ids = rng.choice(10**9, size=n, replace=False).astype(np.int64)
+    queries = rng.standard_normal((13, dim)).astype(np.float32) / np.sqrt(dim)
+    index = make(dim, metric, dtype, block_rows=700)  # several blocks, one partly full
+    index.add(ids, vectors)
+    stored = stored_values(vectors, metric, dtype)
+    all_scores = reference_scores(stored, queries, metric)
+    for k in (1, 10, 257):
+        scores, got = index.search(queries, k)
+        ref_s, ref_i = reference_search(stored, ids, queries, metric, k)
+        assert_matches_reference(scores, got, ref_s, ref_i, all_scores, ids, tolerance(dtype))
+    assert len(index) == n and int(ids[5]) in index and -3 not in index
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_k_beyond_size_pads_and_k_zero_is_empty(make, metric):
+    index = make(4, metric)
+    index.add([7, 3], [[1, 0, 0, 0], [0, 1, 0, 0]])
+    scores, ids = index.search(np.ones((2, 4), np.float32), 5)
+    assert ids.shape == (2, 5)
+    assert sorted(ids[0, :2].tolist()) == [3, 7]
+    assert (ids[:, 2:] == -1).all()
+    assert np.all(scores[:, 2:] == (np.inf if metric == "l2" else -np.inf))
+    scores, ids = index.search(np.ones((3, 4), np.float32), 0)
+    assert scores.shape == ids.shape == (3, 0)
+
+
+def test_empty_index_returns_padding(make):
+    scores, ids = make(4, "dot").search(np.ones((2, 4), np.float32), 3)
+    assert (ids == -1).all() and (scores == -np.inf).all()
+
+
+def test_upsert_replaces_and_last_duplicate_wins(make):
+    index = make(3, "dot")
+    index.add([1, 2], [[1, 0, 0], [0, 1, 0]])
+    index.add([2, 2, 5], [[9, 9, 9], [0, 0, 3], [0, 0, 1]])  # 2 updated twice: last wins
+    assert len(index) == 3
+    np.testing.assert_array_equal(index.get([2]), [[0, 0, 3]])
+    scores, ids = index.search([[0, 0, 1]], 3)
+    assert ids[0].tolist() == [2, 5, 1]
+    np.testing.assert_allclose(scores[0], [3, 1, 0])
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ties_break_by_id_ascending(make, metric, dtype):
+    # 400 identical vectors and 100 others, over several blocks: every k cuts a tie.
+    rng = np.random.default_rng()
+    tied = np.tile([[1.0, 2.0, 0.0, 0.0]], (400, 1))
+    others = np.tile([[0.0, 0.0, 1.0, 0.0]], (100, 1))
+    ids = rng.permutation(np.arange(1000, 1500)).astype(np.int64)
+    index = make(4, metric, dtype, block_rows=64)
+    index.add(ids, np.vstack([tied, others]).astype(np.float32))
+    tied_ids = np.sort(ids[:400])
+    for k in (1, 7, 64, 399, 400, 450):
+        scores, got = index.search([[1.0, 2.0, 0.0, 0.0]], k)
+        head = min(k, 400)
+        assert got[0, :head].tolist() == tied_ids[:head].tolist()
+        if k > 400:
+            assert got[0, 400:].tolist() == np.sort(ids[400:])[: k - 400].tolist()
+
+
+def test_remove_then_search(make):
+    rng = np.random.default_rng()
+    vectors = rng.standard_normal((500, 16)).astype(np.float32)
+    ids = np.arange(500, dtype=np.int64) * 2
+    index = make(16, "l2", block_rows=128)
+    index.add(ids, vectors)
+    drop = ids[rng.choice(500, 220, replace=False)]
+    assert index.remove(np.concatenate([drop, [1, 3, 10**12]])) == 220
+    assert index.remove(drop) == 0
+    assert len(index) == 280 and int(drop[0]) not in index
+    keep = ~np.isin(ids, drop)
+    stored = stored_values(vectors[keep], "l2", "float32")
+    queries = rng.standard_normal((5, 16)).astype(np.float32)
+    scores, got = index.search(queries, 20)
+    ref_s, ref_i = reference_search(stored, ids[keep], queries, "l2", 20)
+    assert_matches_reference(scores, got, ref_s, ref_i,
+                             reference_scores(stored, queries, "l2"), ids[keep], 1e-4)
+    np.testing.assert_allclose(index.get(ids[keep][:3]), vectors[keep][:3])
+    index.add(drop[:5], vectors[:5])  # re-adding removed ids works
+    assert len(index) == 285
+    assert index.remove(ids) == 285 and len(index) == 0
+    assert (index.search(queries, 3)[1] == -1).all()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_allow_list_is_an_exact_prefilter(make, metric):
+    rng = np.random.default_rng()
+    vectors = rng.standard_normal((2000, 8)).astype(np.float32)
+    ids = np.arange(2000, dtype=np.int64) + 100
+    index = make(8, metric, block_rows=300)
+    index.add(ids, vectors)
+    stored = stored_values(vectors, metric, "float32")
+    queries = rng.standard_normal((4, 8)).astype(np.float32)
+    sparse = rng.choice(ids, 25, replace=False)  # gathered path
+    dense = rng.choice(ids, 1900, replace=False)  # masked path
+    for allow in (sparse, dense, np.concatenate([sparse, [5, 10**10]])):
+        scores, got = index.search(queries, 30, allow=allow)
+        ref_s, ref_i = reference_search(stored, ids, queries, metric, 30, allow=allow)
+        assert_matches_reference(scores, got, ref_s, ref_i,
+                                 reference_scores(stored, queries, metric), ids, 1e-4)
+        assert np.isin(got[got != -1], allow).all()
+        assert (got != -1).sum(axis=1).tolist() == [min(30, len(np.intersect1d(allow, ids)))] * 4
+    assert (index.search(queries, 5, allow=np.array([], np.int64))[1] == -1).all()
+    assert (index.search(queries, 5, allow=[10**10, 7])[1] == -1).all()
+    _, one = index.search(queries, 5, allow=[ids[17]])
+    assert (one[:, 0] == ids[17]).all() and (one[:, 1:] == -1).all()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_threshold_and_range_search(make, metric):
+    rng = np.random.default_rng()
+    vectors = rng.standard_normal((1500, 12)).astype(np.float32)
+    ids = rng.choice(10**6, 1500, replace=False).astype(np.int64)
+    index = make(12, metric, block_rows=400)
+    index.add(ids, vectors)
+    stored = stored_values(vectors, metric, "float32")
+    queries = rng.standard_normal((6, 12)).astype(np.float32)
+    all_scores = reference_scores(stored, queries, metric)
+    threshold = float(np.quantile(all_scores, 0.1 if metric == "l2" else 0.9))
+    scores, got = index.search(queries, 50, threshold=threshold)
+    ref_s, ref_i = reference_search(stored, ids, queries, metric, 50, threshold=threshold)
+    # Rows within rounding of the threshold may land on either side.
+    near = np.abs(all_scores - threshold) < 1e-4
+    if not near.any():
+        assert_matches_reference(scores, got, ref_s, ref_i, all_scores, ids, 1e-4)
+
+    lims, r_scores, r_ids, totals = index.range_search(queries, threshold)
+    capped = index.range_search(queries, threshold, max_results=7)
+    for q in range(len(queries)):
+        passing = all_scores[q] <= threshold if metric == "l2" else all_scores[q] >= threshold
+        expected = set(ids[passing & ~near[q]].tolist())
+        found = r_ids[lims[q]:lims[q + 1]]
+        assert expected <= set(found.tolist()) <= set(ids[passing | near[q]].tolist())
+        assert totals[q] == len(found)
+        _, want = reference_search(stored, ids, queries[q:q + 1], metric, totals[q],
+                                   threshold=threshold)
+        if not near[q].any():
+            assert found.tolist() == want[0].tolist()  # best first, ties by id
+        c_lims, _, c_ids, c_totals = capped
+        assert c_totals[q] == totals[q]
+        assert c_ids[c_lims[q]:c_lims[q + 1]].tolist() == found[:7].tolist()
+    allowed = ids[:100]
+    lims, _, a_ids, _ = index.range_search(queries, threshold, allow=allowed)
+    assert np.isin(a_ids, allowed).all()
+
+
+def test_large_k_returns_everything_in_order(make):
+    rng = np.random.default_rng()
+    vectors = rng.standard_normal((5000, 8)).astype(np.float32)
+    index = make(8, "dot", block_rows=1024)
+    index.add(np.arange(5000), vectors)
+    scores, ids = index.search(vectors[:2], 6000)
+    assert (ids[:, :5000] >= 0).all() and (ids[:, 5000:] == -1).all()
+    assert (np.diff(scores[:, :5000], axis=1) <= 0).all()
+    assert sorted(ids[0, :5000].tolist()) == list(range(5000))
+
+
+def test_zero_vector_under_cosine_is_an_error(make):
+    index = make(3, "cosine")
+    with pytest.raises(ValueError, match="zero vector"):
+        index.add([1, 2], [[1, 0, 0], [0, 0, 0]])
+    assert len(index) == 0
+    index.add([1], [[3, 4, 0]])
+    np.testing.assert_allclose(index.get([1]), [[0.6, 0.8, 0]], rtol=1e-6)
+    with pytest.raises(ValueError, match="zero vector"):
+        index.search([[0, 0, 0]], 1)
+    # dot and l2 take a zero vector as it is
+    plain = make(3, "dot")
+    plain.add([1], [[0, 0, 0]])
+    assert plain.search([[1, 1, 1]], 1)[1][0, 0] == 1
+
+
+@pytest.mark.parametrize(
+    ("ids", "vectors", "error", "match"),
+    [
+        ([1, 2], [[1, 2, 3], [np.nan, 0, 0]], ValueError, "NaN or inf"),
+        ([1, 2], [[1, 2, 3], [np.inf, 0, 0]], ValueError, "NaN or inf"),
+        ([1, 2], [[1, 2], [3, 4]], ValueError, r"shape \(n, 3\)"),
+        ([1, 2], [1, 2, 3], ValueError, r"shape \(n, 3\)"),
+        ([1], [[1, 2, 3], [4, 5, 6]], ValueError, "1 ids for 2 vectors"),
+        ([], np.empty((0, 3)), ValueError, "empty"),
+        ([-4], [[1, 2, 3]], ValueError, "non-negative"),
+        ([1.5], [[1, 2, 3]], TypeError, "integers"),
+        ([1], [["a", "b", "c"]], TypeError, "float"),
+        ([1], [[1e6, 0, 0]], ValueError, "overflow"),  # only for float16 storage
+    ],
+)
+def test_bad_input_is_rejected_and_changes_nothing(make, ids, vectors, error, match):
+    index = make(3, "dot", "float16")
+    index.add([9], [[1, 1, 1]])
+    with pytest.raises(error, match=match):
+        index.add(ids, vectors)
+    assert len(index) == 1 and 9 in index and 1 not in index
+    np.testing.assert_array_equal(index.get([9]), [[1, 1, 1]])
+
+
+def test_bad_queries_and_arguments(make):
+    index = make(3, "dot")
+    index.add([1], [[1, 2, 3]])
+    with pytest.raises(ValueError, match=r"shape \(n, 3\)"):
+        index.search([[1, 2]], 1)
+    with pytest.raises(ValueError, match="NaN"):
+        index.search([[1, np.nan, 2]], 1)
+    with pytest.raises(ValueError, match="empty"):
+        index.search(np.empty((0, 3)), 1)
+    with pytest.raises(ValueError, match="k must be"):
+        index.search([[1, 2, 3]], -1)
+    with pytest.raises(ValueError, match="threshold"):
+        index.search([[1, 2, 3]], 1, threshold=float("nan"))
+    with pytest.raises(KeyError):
+        index.get([2])
+    with pytest.raises(ValueError, match="metric"):
+        make(3, "hamming")
+    with pytest.raises(ValueError, match="dtype"):
+        make(3, "dot", "int8")
+    with pytest.raises(ValueError, match="dim"):
+        make(0, "dot")
+
+
+def test_memory_info_counts_rows(make):
+    index = make(16, "l2", "float16", block_rows=256)
+    index.add(np.arange(300), np.ones((300, 16), np.float32))
+    info = index.memory_info()
+    assert info["vectors"] == 300 and info["vector_bytes"] == 300 * 16 * 2
+    assert info["capacity_rows"] == 512
