@@ -1,0 +1,170 @@
+"""The FastAPI app factory: lifespan (storage, batcher, featurizer), error mapping, routers."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.batcher import SearchBatcher
+from service.errors import DotsearchError, PayloadTooLarge
+from service.metrics import LatencyMiddleware, Metrics
+from service.routes import collections, featurize, health, images, query, search, vectors
+from service.routes.deps import SafeJSONResponse, Services
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("dotsearch")
+
+
+def _error(status: int, error: str, message: str, detail: Any = None) -> SafeJSONResponse:
+    body: dict[str, Any] = {"error": error, "message": message}
+    if detail is not None:
+        body["detail"] = detail
+    return SafeJSONResponse(body, status_code=status)
+
+
+def _validation_detail(errors: Any) -> list[dict[str, Any]]:
+    return [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")),
+             "type": str(e.get("type", ""))} for e in errors]
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """The one place where errors become HTTP status codes and JSON bodies."""
+
+    @app.exception_handler(DotsearchError)
+    async def dotsearch_error(request: Request, exc: DotsearchError) -> SafeJSONResponse:
+        if exc.status_code >= 500:
+            log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return SafeJSONResponse(exc.to_dict(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def request_invalid(request: Request, exc: RequestValidationError) -> SafeJSONResponse:
+        detail = _validation_detail(exc.errors())
+        first = detail[0] if detail else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"])
+        return _error(422, "invalid_input", f"{where}: {first['msg']}", detail)
+
+    @app.exception_handler(ValidationError)
+    async def model_invalid(request: Request, exc: ValidationError) -> SafeJSONResponse:
+        return _error(422, "invalid_input", "invalid input", _validation_detail(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> SafeJSONResponse:
+        names = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+        return _error(exc.status_code, names.get(exc.status_code, "http_error"),
+                      str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> SafeJSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _error(500, "internal_error", "internal server error")
+
+
+class BodyLimitMiddleware:
+    """Refuses a request whose declared Content-Length is over the limit (413)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for key, value in scope.get("headers", ()):
+                if key == b"content-length" and value.isdigit() and int(value) > self.limit:
+                    exc = PayloadTooLarge(f"request body of {int(value)} bytes; "
+                                          f"the limit is {self.limit}")
+                    response = SafeJSONResponse(exc.to_dict(), status_code=413)
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def _backend_info(settings: Settings, catalog: Any) -> dict[str, Any]:
+    try:
+        from service.backend import select_backend
+
+        choice = select_backend(settings.backend)
+        return {"backend": choice.name, "device": str(choice.device)}
+    except ImportError:
+        return {"backend": getattr(catalog, "backend_name", settings.backend), "device": "cpu"}
+
+
+def _load_featurizer(services: Services) -> None:
+    from service.featurizer import Featurizer
+
+    try:
+        featurizer = Featurizer(services.settings.weights,
+                                batch_size=services.settings.featurizer_batch)
+        services.featurizer = featurizer
+        services.featurizer_state = "ready"
+        log.info("featurizer ready: %s", featurizer.info())
+    except Exception as exc:
+        services.featurizer_state = "failed"
+        services.featurizer_error = str(exc)
+        log.error("featurizer failed to load: %s", exc)
+    finally:
+        services.featurizer_ready.set()
+
+
+def create_app(settings: Settings | None = None, *, catalog: Any = None,
+               featurizer: Any = None) -> FastAPI:
+    """A ready-to-serve app. ``catalog`` / ``featurizer`` may be injected (tests, embedding);
+    an injected catalog is not closed on shutdown."""
+    settings = settings or get_settings()
+    metrics = Metrics()
+    services = Services(settings=settings, metrics=metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from service.collections import Catalog
+
+        owned = catalog is None
+        if owned:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            services.catalog = Catalog(settings.data_dir, settings.backend,
+                                       duckdb_memory_limit=settings.duckdb_memory_limit)
+        else:
+            services.catalog = catalog
+        cat = services.catalog
+        services.backend = _backend_info(settings, cat)
+        log.info("storage %s open, backend %s", settings.data_dir, services.backend)
+        services.batcher = SearchBatcher(
+            lambda name, q, k, threshold, filter_: cat.search(
+                name, q, k, threshold=threshold, filter=filter_),
+            window_s=settings.batch_window_ms / 1000.0, max_batch=settings.batch_max,
+            on_batch=metrics.observe_batch)
+        metrics.add_state(lambda: [(c.name, c.count) for c in cat.list_collections()],
+                          health.gpu_memory)
+        if featurizer is not None:
+            services.featurizer, services.featurizer_state = featurizer, "ready"
+            services.featurizer_ready.set()
+        elif settings.load_featurizer:
+            services.featurizer_state = "loading"
+            threading.Thread(target=_load_featurizer, args=(services,), daemon=True,
+                             name="featurizer-loader").start()
+        try:
+            yield
+        finally:
+            if owned:
+                cat.close()
+                log.info("storage closed")
+            services.catalog = None
+
+    app = FastAPI(title="dotsearch", version="0.1.0", lifespan=lifespan,
+                  description="GPU-accelerated exact vector search for image features, "
+                              "with a SQL face.")
+    app.state.services = services
+    install_error_handlers(app)
+    for module in (health, collections, vectors, search, images, featurize, query):
+        app.include_router(module.router)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(LatencyMiddleware, metrics=metrics)
+    return app
