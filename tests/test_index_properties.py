@@ -1,0 +1,89 @@
+"""Hypothesis properties of every index backend over random shapes, and faiss agreement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cpu_fallback import CpuIndex
+from tests.index_support import BACKENDS, reference_scores, reference_search, stored_values
+from tests.test_index_conformance import assert_matches_reference
+
+
+@pytest.fixture(params=BACKENDS)
+def make(request):
+    return request.param
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n=st.integers(1, 300),
+    dim=st.integers(1, 40),
+    nq=st.integers(1, 9),
+    k=st.integers(0, 320),
+    metric=st.sampled_from(["dot", "cosine", "l2"]),
+    block_rows=st.integers(1, 128),
+    seed=st.integers(0, 2**32 - 1),
+    use_allow=st.booleans(),
+)
+def test_search_equals_reference_on_random_shapes(
+    make, n, dim, nq, k, metric, block_rows, seed, use_allow
+):
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    ids = rng.choice(4 * n + 10, n, replace=False).astype(np.int64)
+    queries = rng.standard_normal((nq, dim)).astype(np.float32)
+    allow = rng.choice(4 * n + 10, rng.integers(0, 2 * n + 1)) if use_allow else None
+    index = make(dim, metric, block_rows=block_rows)
+    index.add(ids, vectors)
+    scores, got = index.search(queries, k, allow=allow)
+    stored = stored_values(vectors, metric, "float32")
+    ref_s, ref_i = reference_search(stored, ids, queries, metric, k, allow=allow)
+    assert_matches_reference(scores, got, ref_s, ref_i,
+                             reference_scores(stored, queries, metric), ids, 1e-3)
+    for row_scores, row_ids in zip(scores, got, strict=True):
+        real = row_ids != -1
+        assert not (real[1:] & ~real[:-1]).any()  # padding only at the end
+        assert len(set(row_ids[real].tolist())) == real.sum()
+        step = np.diff(row_scores[real])
+        assert ((step >= 0) if metric == "l2" else (step <= 0)).all()
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 200), removed=st.integers(0, 200), seed=st.integers(0, 2**32 - 1))
+def test_add_remove_sequences_keep_the_right_rows(make, n, removed, seed):
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n, 6)).astype(np.float32)
+    ids = np.arange(n, dtype=np.int64)
+    index = make(6, "dot", block_rows=16)
+    index.add(ids, vectors)
+    gone = rng.choice(n, min(removed, n), replace=False)
+    assert index.remove(gone) == len(gone)
+    alive = np.setdiff1d(ids, gone)
+    assert len(index) == len(alive)
+    if len(alive):
+        np.testing.assert_array_equal(index.get(alive), vectors[alive])
+    _, got = index.search(rng.standard_normal((2, 6)).astype(np.float32), n)
+    assert sorted(got[0][got[0] != -1].tolist()) == alive.tolist()
+
+
+def test_cpu_index_agrees_with_faiss_flat_ip():
+    faiss = pytest.importorskip("faiss")
+    rng = np.random.default_rng()
+    vectors = rng.standard_normal((20000, 64)).astype(np.float32)
+    queries = rng.standard_normal((50, 64)).astype(np.float32)
+    flat = faiss.IndexFlatIP(64)
+    flat.add(vectors)
+    faiss_scores, faiss_ids = flat.search(queries, 10)
+    index = CpuIndex(64, "dot")
+    index.add(np.arange(20000), vectors)
+    scores, ids = index.search(queries, 10)
+    np.testing.assert_allclose(scores, faiss_scores, rtol=1e-4, atol=1e-4)
+    # ids equal except where two neighbours score the same to float32 rounding
+    differ = ids != faiss_ids
+    assert np.all(np.abs(scores[differ] - faiss_scores[differ]) < 1e-4)
+    assert differ.mean() < 0.01
