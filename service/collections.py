@@ -1,0 +1,552 @@
+"""The catalog: durable collections (DuckDB rows) mirrored by in-memory vector indexes."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import numpy.typing as npt
+
+from service.errors import Conflict, DotsearchError, InvalidInput, NotFound, NotReady
+from service.index_protocol import VectorIndex
+from service.storage import (
+    RESERVED_COLUMNS,
+    CollectionRecord,
+    Storage,
+    canonical_type,
+    check_name,
+    map_duckdb_error,
+)
+
+log = logging.getLogger(__name__)
+
+METRICS = ("dot", "cosine", "l2")
+DTYPES = ("float32", "float16")
+MAX_DIM = 65536
+
+
+@dataclass
+class CollectionInfo:
+    """A collection's schema and size."""
+
+    name: str
+    dim: int
+    metric: str
+    dtype: str
+    columns: dict[str, str]
+    count: int
+    thumbnails: bool = False
+    vector_column: str = "feature"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Hit:
+    """One search result: id, score (similarity, or distance for l2), metadata."""
+
+    id: int
+    score: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class QueryResult:
+    """A SQL result: column names, DuckDB type names, JSON-friendly rows; EXPLAIN text."""
+
+    columns: list[str]
+    types: list[str]
+    rows: list[list[Any]]
+    explain: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"columns": self.columns, "types": self.types, "rows": self.rows}
+        if self.explain is not None:
+            body["explain"] = self.explain
+        return body
+
+
+class RWLock:
+    """Readers-writer lock, writer preferring; the writer may re-enter and may also read."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer: int | None = None
+        self._writer_depth = 0
+        self._waiting_writers = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        me = threading.get_ident()
+        if self._writer == me:
+            yield
+            return
+        with self._cond:
+            while self._writer is not None or self._waiting_writers:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            if self._writer == me:
+                self._writer_depth += 1
+            else:
+                self._waiting_writers += 1
+                while self._writer is not None or self._readers:
+                    self._cond.wait()
+                self._waiting_writers -= 1
+                self._writer = me
+                self._writer_depth = 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer_depth -= 1
+                if self._writer_depth == 0:
+                    self._writer = None
+                    self._cond.notify_all()
+
+
+@dataclass
+class Collection:
+    """A collection's durable record, its index, and the next id handed out."""
+
+    record: CollectionRecord
+    index: VectorIndex
+    next_id: int = 0
+
+
+def as_id_array(ids: Any) -> npt.NDArray[np.int64]:
+    """ids as a 1-d int64 array of non-negative integers, or InvalidInput."""
+    try:
+        arr = np.asarray(ids)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"ids must be a list of integers: {exc}") from exc
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.ndim != 1:
+        raise InvalidInput(f"ids must be one-dimensional, got shape {arr.shape}")
+    if arr.size and arr.dtype.kind not in "iu":
+        if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.int64)
+        else:
+            raise InvalidInput(f"ids must be integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) >= 2**63:
+        raise InvalidInput("ids must fit in a signed 64-bit integer")
+    out = arr.astype(np.int64)
+    if out.size and int(out.min()) < 0:
+        raise InvalidInput(f"ids must be non-negative, got {int(out.min())}")
+    return out
+
+
+def as_vectors(vectors: Any, dim: int, expected_rows: int | None = None) -> npt.NDArray[np.float32]:
+    """vectors as a C-contiguous float32 (n, dim) array of finite values, or InvalidInput."""
+    try:
+        arr = np.asarray(vectors)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"vectors must be a list of lists of numbers: {exc}") from exc
+    if arr.dtype.kind not in "fiu":
+        raise InvalidInput(f"vectors must be numbers, got dtype {arr.dtype}")
+    if arr.ndim == 1:
+        arr = arr.reshape(1, -1)
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        raise InvalidInput(f"vectors must have shape (n, {dim}), got {arr.shape}")
+    if expected_rows is not None and arr.shape[0] != expected_rows:
+        raise InvalidInput(f"{arr.shape[0]} vectors for {expected_rows} ids")
+    out = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.all(np.isfinite(out)):
+        raise InvalidInput("vectors contain NaN or infinity (or values beyond float32 range)")
+    return out
+
+
+class Catalog:
+    """Every collection of one data directory; thread safe (readers-writer discipline).
+
+    Writes: validate -> commit in DuckDB -> apply to the index -> return. The DuckDB
+    commit and the index update happen under the exclusive lock, so a reader sees a
+    batch entirely or not at all, in DuckDB and in the index alike.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path | str,
+        backend: str = "auto",
+        *,
+        duckdb_memory_limit: str = "512MB",
+    ) -> None:
+        self.backend = backend
+        self._storage = Storage(data_dir, memory_limit=duckdb_memory_limit)
+        self._lock = RWLock()
+        self._writer_mutex = threading.RLock()
+        self._id_lock = threading.Lock()
+        self._collections: dict[str, Collection] = {}
+        self.backend_name = "cpu"
+        try:
+            from service.sql.functions import register_functions
+
+            register_functions(self._storage.con)
+            self._load()
+        except BaseException:
+            self._storage.close()
+            raise
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def _make_index(self, rec: CollectionRecord) -> VectorIndex:
+        from service.backend import make_index
+
+        index = make_index(rec.dim, rec.metric, rec.dtype, backend=self.backend)
+        self.backend_name = "gpu" if "gpu" in type(index).__module__ else "cpu"
+        return index
+
+    def _load(self) -> None:
+        records = self._storage.load_records()
+        if not records:
+            self._make_index(CollectionRecord("probe", 1, "dot", "float32"))
+        for rec in records:
+            index = self._make_index(rec)
+            for ids, vectors in self._storage.iter_vectors(rec):
+                index.add(ids, vectors)
+            next_id = self._storage.max_id(rec.name) + 1
+            self._collections[rec.name] = Collection(rec, index, next_id)
+            log.info("loaded collection %s: %d vectors", rec.name, len(index))
+
+    def close(self) -> None:
+        with self._writer_mutex, self._lock.write():
+            self._storage.close()
+            self._collections.clear()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _get(self, name: str) -> Collection:
+        coll = self._collections.get(name) if isinstance(name, str) else None
+        if coll is None:
+            raise NotFound(f"no collection named {name!r}")
+        return coll
+
+    def _info(self, coll: Collection) -> CollectionInfo:
+        rec = coll.record
+        return CollectionInfo(
+            rec.name,
+            rec.dim,
+            rec.metric,
+            rec.dtype,
+            dict(rec.columns),
+            len(coll.index),
+            rec.thumbnails,
+            rec.vector_column,
+        )
+
+    def reader(self) -> duckdb.DuckDBPyConnection:
+        """This thread's DuckDB cursor (call under ``read_lock``)."""
+        return self._storage.reader()
+
+    @contextmanager
+    def read_lock(self) -> Iterator[None]:
+        with self._lock.read():
+            yield
+
+    # -- collections -------------------------------------------------------------------
+
+    def list_collections(self) -> list[CollectionInfo]:
+        with self._lock.read():
+            return [self._info(c) for _, c in sorted(self._collections.items())]
+
+    def get_collection(self, name: str) -> CollectionInfo:
+        with self._lock.read():
+            return self._info(self._get(name))
+
+    def create_collection(
+        self,
+        name: str,
+        dim: int,
+        metric: str = "cosine",
+        dtype: str = "float32",
+        columns: dict[str, str] | None = None,
+        *,
+        thumbnails: bool = False,
+        vector_column: str = "feature",
+    ) -> CollectionInfo:
+        check_name("collection", name)
+        if name.lower().startswith("_dotsearch") or name.lower().startswith("duckdb"):
+            raise InvalidInput(f"collection name {name!r} is reserved")
+        check_name("column", vector_column)
+        if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or not 0 < dim <= MAX_DIM:
+            raise InvalidInput(f"dim must be an integer in 1..{MAX_DIM}, got {dim!r}")
+        if metric not in METRICS:
+            raise InvalidInput(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        if dtype not in DTYPES:
+            raise InvalidInput(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        canon: dict[str, str] = {}
+        for col, sql_type in (columns or {}).items():
+            check_name("column", col)
+            lowered = {c.lower() for c in canon}
+            if col.lower() in RESERVED_COLUMNS or col.lower() == vector_column.lower():
+                raise InvalidInput(f"column name {col!r} is reserved")
+            if col.lower() in lowered:
+                raise InvalidInput(f"column {col!r} given twice")
+            canon[col] = canonical_type(col, sql_type)
+        rec = CollectionRecord(
+            name, int(dim), metric, dtype, canon, bool(thumbnails), vector_column
+        )
+        with self._writer_mutex:
+            if any(n.lower() == name.lower() for n in self._collections):
+                raise Conflict(f"collection {name!r} already exists")
+            index = self._make_index(rec)
+            with self._lock.write():
+                self._storage.create_table(rec)
+                coll = Collection(rec, index, 0)
+                self._collections[name] = coll
+                return self._info(coll)
+
+    def drop_collection(self, name: str) -> None:
+        with self._writer_mutex:
+            self._get(name)
+            with self._lock.write():
+                self._storage.drop_table(name)
+                del self._collections[name]
+
+    # -- writes ------------------------------------------------------------------------
+
+    def upsert(
+        self,
+        name: str,
+        ids: Any,
+        vectors: Any,
+        metadata: Sequence[dict[str, Any]] | None = None,
+        thumbnails: Sequence[bytes | None] | None = None,
+        *,
+        replace: bool = True,
+    ) -> int:
+        """Insert or replace a batch atomically; returns how many rows were written.
+
+        With ``replace=False`` (SQL ``INSERT``) an id already stored is a Conflict.
+        """
+        with self._writer_mutex:
+            coll = self._get(name)
+            rec = coll.record
+            id_arr = as_id_array(ids)
+            if id_arr.size == 0:
+                raise InvalidInput("an upsert needs at least one vector")
+            vec_arr = as_vectors(vectors, rec.dim, len(id_arr))
+            if metadata is not None:
+                if not isinstance(metadata, Sequence) or len(metadata) != len(id_arr):
+                    raise InvalidInput(f"metadata must be a list of {len(id_arr)} objects")
+                for row in metadata:
+                    if not isinstance(row, dict):
+                        raise InvalidInput("each metadata entry must be an object")
+                    unknown = set(row) - set(rec.columns)
+                    if unknown:
+                        raise InvalidInput(
+                            f"unknown metadata columns {sorted(unknown)}; collection {name!r} "
+                            f"has {sorted(rec.columns)}"
+                        )
+            if thumbnails is not None:
+                if not rec.thumbnails:
+                    raise InvalidInput(f"collection {name!r} does not keep thumbnails")
+                if len(thumbnails) != len(id_arr):
+                    raise InvalidInput(f"thumbnails must be a list of {len(id_arr)} entries")
+            if rec.metric == "cosine":
+                norms = np.linalg.norm(vec_arr.astype(np.float64), axis=1)
+                if np.any(norms == 0):
+                    raise InvalidInput("a zero vector cannot be stored under the cosine metric")
+                vec_arr = (vec_arr / norms[:, None]).astype(np.float32)
+            # Last duplicate wins, as in the index.
+            _, last_pos = np.unique(id_arr[::-1], return_index=True)
+            keep = np.sort(len(id_arr) - 1 - last_pos)
+            if len(keep) != len(id_arr):
+                id_arr, vec_arr = id_arr[keep], vec_arr[keep]
+                if metadata is not None:
+                    metadata = [metadata[i] for i in keep]
+                if thumbnails is not None:
+                    thumbnails = [thumbnails[i] for i in keep]
+            if not replace:
+                present = self._storage.existing_ids(self._storage.writer, name, id_arr)
+                if len(present):
+                    raise Conflict(
+                        f"ids already present in {name!r}: {present[:10].tolist()}"
+                    )
+            self._storage.begin()
+            try:
+                self._storage.stage_upsert(rec, id_arr, vec_arr, metadata, thumbnails)
+            except DotsearchError:
+                self._storage.rollback()
+                raise
+            except duckdb.Error as exc:
+                self._storage.rollback()
+                raise map_duckdb_error(exc, f"upsert into {name!r}") from exc
+            with self._lock.write():
+                self._storage.commit()
+                self._apply(coll, lambda: coll.index.add(id_arr, vec_arr))
+            with self._id_lock:
+                coll.next_id = max(coll.next_id, int(id_arr.max()) + 1)
+            return len(id_arr)
+
+    def _apply(self, coll: Collection, change: Any) -> None:
+        try:
+            change()
+        except (ValueError, TypeError, MemoryError) as exc:
+            log.exception("index of %s out of sync with storage", coll.record.name)
+            raise NotReady(
+                f"the batch was stored but the index of {coll.record.name!r} could not apply "
+                f"it ({exc}); restart the service to rebuild the index from storage"
+            ) from exc
+
+    def delete(self, name: str, ids: Any) -> int:
+        """Delete ids (unknown ids ignored); returns how many were present."""
+        with self._writer_mutex:
+            coll = self._get(name)
+            id_arr = np.unique(as_id_array(ids))
+            if id_arr.size == 0:
+                return 0
+            self._storage.begin()
+            try:
+                self._storage.stage_delete(name, id_arr)
+            except duckdb.Error as exc:
+                self._storage.rollback()
+                raise map_duckdb_error(exc, f"delete from {name!r}") from exc
+            removed = 0
+            with self._lock.write():
+                self._storage.commit()
+
+                def remove() -> None:
+                    nonlocal removed
+                    removed = coll.index.remove(id_arr)
+
+                self._apply(coll, remove)
+            return removed
+
+    def next_ids(self, name: str, n: int) -> npt.NDArray[np.int64]:
+        """n fresh ids (never handed out before in this process, above every stored id)."""
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+            raise InvalidInput(f"n must be a non-negative integer, got {n!r}")
+        with self._lock.read():
+            coll = self._get(name)
+        with self._id_lock:
+            start = coll.next_id
+            coll.next_id += int(n)
+        return np.arange(start, start + int(n), dtype=np.int64)
+
+    # -- reads -------------------------------------------------------------------------
+
+    def get_vector(self, name: str, id: int) -> tuple[npt.NDArray[np.float32], dict[str, Any]]:
+        """The stored vector (float32, as written; unit length under cosine) and metadata."""
+        from service.storage import quote
+
+        key = int(as_id_array([id])[0])
+        with self._lock.read():
+            rec = self._get(name).record
+            cur = self._storage.reader()
+            cols = ", ".join([quote(rec.vector_column), *(quote(c) for c in rec.columns)])
+            row = cur.execute(
+                f"SELECT {cols} FROM {quote(name)} WHERE id = $id", {"id": key}
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no id {key} in collection {name!r}")
+            meta = self._storage.fetch_rows(cur, name, np.array([key]), rec.columns)[key]
+        return np.frombuffer(row[0], dtype="<f4").astype(np.float32), meta
+
+    def get_thumbnail(self, name: str, id: int) -> bytes | None:
+        from service.storage import THUMBNAIL_COLUMN, quote
+
+        key = int(as_id_array([id])[0])
+        with self._lock.read():
+            rec = self._get(name).record
+            if not rec.thumbnails:
+                return None
+            row = self._storage.reader().execute(
+                f"SELECT {THUMBNAIL_COLUMN} FROM {quote(name)} WHERE id = $id", {"id": key}
+            ).fetchone()
+        if row is None:
+            raise NotFound(f"no id {key} in collection {name!r}")
+        return None if row[0] is None else bytes(row[0])
+
+    def allow_ids(self, name: str, filter: str) -> npt.NDArray[np.int64]:
+        """Ids whose metadata satisfies the SQL boolean expression (call under read lock)."""
+        from service.sql.filters import filter_ids
+
+        return filter_ids(self, self._get(name).record, filter)
+
+    def search(
+        self,
+        name: str,
+        queries: Any,
+        k: int,
+        *,
+        threshold: float | None = None,
+        filter: str | None = None,
+        offset: int = 0,
+    ) -> list[list[Hit]]:
+        """Top-k per query, best first, ties by id; ``filter`` pre-filters exactly."""
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise InvalidInput(f"k must be a positive integer, got {k!r}")
+        if isinstance(offset, bool) or not isinstance(offset, int | np.integer) or offset < 0:
+            raise InvalidInput(f"offset must be a non-negative integer, got {offset!r}")
+        if threshold is not None and (
+            isinstance(threshold, bool) or not np.isfinite(float(threshold))
+        ):
+            raise InvalidInput(f"threshold must be a finite number, got {threshold!r}")
+        with self._lock.read():
+            coll = self._get(name)
+            q = as_vectors(queries, coll.record.dim)
+            if q.shape[0] == 0:
+                raise InvalidInput("at least one query vector is needed")
+            allow = None
+            if filter is not None and str(filter).strip():
+                allow = self.allow_ids(name, filter)
+            if len(coll.index) == 0 or (allow is not None and len(allow) == 0):
+                return [[] for _ in range(q.shape[0])]
+            try:
+                scores, ids = coll.index.search(
+                    q, int(k) + int(offset), threshold=threshold, allow=allow
+                )
+            except (ValueError, TypeError) as exc:
+                raise InvalidInput(str(exc)) from exc
+            ids, scores = ids[:, offset:], scores[:, offset:]
+            found = np.unique(ids[ids >= 0])
+            meta = self._storage.fetch_rows(
+                self._storage.reader(), name, found, coll.record.columns
+            )
+        out: list[list[Hit]] = []
+        for row_ids, row_scores in zip(ids, scores, strict=True):
+            out.append(
+                [
+                    Hit(int(i), float(s), meta.get(int(i), {}))
+                    for i, s in zip(row_ids, row_scores, strict=True)
+                    if i >= 0
+                ]
+            )
+        return out
+
+    def query(self, sql: str, params: dict[str, Any] | list[Any] | None = None) -> QueryResult:
+        """Run a SQL script (statements separated by ';'); the last statement's result."""
+        from service.sql.executor import execute_script
+
+        return execute_script(self, sql, params)

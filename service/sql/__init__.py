@@ -1,0 +1,1 @@
+"""The SQL face: a SingleStore-flavoured vector SQL dialect planned onto the index and DuckDB."""

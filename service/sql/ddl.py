@@ -1,0 +1,305 @@
+"""DDL and DML: CREATE/DROP TABLE, SHOW TABLES, DESCRIBE, INSERT/REPLACE, UPDATE, DELETE."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+from sqlglot import exp
+
+from service.errors import InvalidInput, QueryError
+from service.sql.dialect import error_at, parse_script, to_duckdb
+from service.sql.vectors import Context, as_float32, bind_parameters, eval_vector
+from service.storage import map_duckdb_error, quote
+
+
+def _result(columns: list[str], types: list[str], rows: list[list[Any]]) -> Any:
+    from service.collections import QueryResult
+
+    return QueryResult(columns, types, rows)
+
+
+def _affected(n: int) -> Any:
+    return _result(["rows_affected"], ["BIGINT"], [[int(n)]])
+
+
+def reparse_replace(stmt: exp.Command) -> exp.Expr:
+    """`REPLACE INTO ...` (SingleStore upsert) parsed as an INSERT marked replace."""
+    text = "INSERT " + str(stmt.expression or "")
+    parsed = parse_script(text)
+    if len(parsed) != 1 or not isinstance(parsed[0], exp.Insert):
+        raise error_at("REPLACE must be REPLACE INTO table [(columns)] VALUES (...)", stmt)
+    parsed[0].meta["replace"] = True
+    return parsed[0]
+
+
+def execute_other(catalog: Any, stmt: exp.Expr, params: Any, positional: list[int]) -> Any:
+    from service.sql.executor import check_statement
+
+    if isinstance(stmt, exp.Create):
+        return create_table(catalog, stmt)
+    if isinstance(stmt, exp.Drop):
+        return drop_table(catalog, stmt)
+    if isinstance(stmt, exp.Show):
+        if str(stmt.name).upper() != "TABLES":
+            raise error_at("only SHOW TABLES is supported", stmt)
+        names = [[info.name] for info in catalog.list_collections()]
+        return _result(["table"], ["VARCHAR"], names)
+    if isinstance(stmt, exp.Describe) and isinstance(stmt.this, exp.Table):
+        return describe(catalog, stmt.this)
+    if isinstance(stmt, exp.Insert | exp.Update | exp.Delete):
+        check_statement(stmt, catalog)
+        with catalog._writer_mutex:
+            ctx = Context(catalog, catalog.reader())
+            from service.sql.executor import run_subquery
+
+            ctx.run_subquery = run_subquery
+            try:
+                bind_parameters(stmt, params, ctx, positional)
+                if isinstance(stmt, exp.Insert):
+                    return insert(catalog, stmt, ctx)
+                if isinstance(stmt, exp.Delete):
+                    return delete(catalog, stmt, ctx)
+                return update(catalog, stmt, ctx)
+            finally:
+                ctx.cleanup()
+    raise error_at(
+        f"unsupported statement {type(stmt).__name__.upper()}; supported: SELECT, EXPLAIN, "
+        "CREATE TABLE, DROP TABLE, SHOW TABLES, DESCRIBE, INSERT, REPLACE, UPDATE, DELETE",
+        stmt,
+    )
+
+
+def create_table(catalog: Any, stmt: exp.Create) -> Any:
+    schema = stmt.this
+    if str(stmt.args.get("kind", "")).upper() != "TABLE" or not isinstance(schema, exp.Schema):
+        raise error_at("only CREATE TABLE name (columns...) is supported", stmt)
+    table = schema.this
+    if not isinstance(table, exp.Table) or table.args.get("db"):
+        raise error_at("CREATE TABLE needs a plain table name", stmt)
+    name = table.name
+    vector: tuple[str, int, str] | None = None
+    columns: dict[str, str] = {}
+    has_id = False
+    for col in schema.expressions:
+        if not isinstance(col, exp.ColumnDef) or not isinstance(col.kind, exp.DataType):
+            raise error_at("expected a column definition: name TYPE", col)
+        cname, kind = col.name, col.kind
+        if kind.is_type(exp.DType.VECTOR):
+            if vector is not None:
+                raise error_at("a table holds exactly one VECTOR column", col)
+            args = kind.expressions
+            dim = _vector_dim(args, col)
+            dtype = "float16" if len(args) > 2 and args[2].name.upper() == "F16" else "float32"
+            if args and isinstance(args[0], exp.DataType) and not args[0].is_type(
+                exp.DType.FLOAT
+            ):
+                raise error_at("VECTOR element type must be F32 or F16", col)
+            vector = (cname, dim, dtype)
+        elif cname.lower() == "id":
+            if not kind.is_type(exp.DType.BIGINT, exp.DType.INT):
+                raise error_at("the id column must be BIGINT", col)
+            has_id = True
+        else:
+            columns[cname] = kind.this.name
+    if vector is None:
+        raise error_at("a table needs one column of type VECTOR(d) or VECTOR(d, F16)", stmt)
+    if not has_id:
+        raise error_at("a table needs an `id BIGINT PRIMARY KEY` column", stmt)
+    if stmt.args.get("exists") and name in catalog._collections:
+        return _affected(0)
+    try:
+        catalog.create_collection(name, vector[1], "dot", vector[2], columns,
+                                  vector_column=vector[0])
+    except InvalidInput as exc:
+        raise error_at(exc.message, stmt) from exc
+    return _affected(0)
+
+
+def _vector_dim(args: list[exp.Expr], col: exp.Expr) -> int:
+    size = args[1] if len(args) > 1 else (args[0] if args else None)
+    if isinstance(size, exp.DataTypeParam):
+        size = size.this
+    try:
+        dim = int(str(size.name if size is not None else ""))
+    except ValueError:
+        raise error_at("VECTOR needs a dimension: VECTOR(d) or VECTOR(d, F16)", col) from None
+    if dim <= 0:
+        raise error_at("VECTOR dimension must be positive", col)
+    return dim
+
+
+def drop_table(catalog: Any, stmt: exp.Drop) -> Any:
+    if str(stmt.args.get("kind", "")).upper() != "TABLE":
+        raise error_at("only DROP TABLE is supported", stmt)
+    tables = list(stmt.args.get("tables") or []) or [stmt.this]
+    for table in tables:
+        if not isinstance(table, exp.Table) or table.args.get("db"):
+            raise error_at("DROP TABLE takes plain table names", stmt)
+        if table.name not in catalog._collections:
+            if stmt.args.get("exists"):
+                continue
+            raise error_at(f"unknown table {table.name!r}", table)
+        catalog.drop_collection(table.name)
+    return _affected(0)
+
+
+def describe(catalog: Any, table: exp.Table) -> Any:
+    if table.name not in catalog._collections:
+        raise error_at(f"unknown table {table.name!r}", table)
+    info = catalog.get_collection(table.name)
+    vec_type = f"VECTOR({info.dim}{', F16' if info.dtype == 'float16' else ''})"
+    rows = [["id", "BIGINT", "PRI"], [info.vector_column, vec_type, ""]]
+    rows += [[c, t, ""] for c, t in info.columns.items()]
+    return _result(["Field", "Type", "Key"], ["VARCHAR"] * 3, rows)
+
+
+def _constant(node: exp.Expr, ctx: Context) -> Any:
+    if isinstance(node, exp.Paren):
+        return _constant(node.this, ctx)
+    if isinstance(node, exp.Null):
+        return None
+    if isinstance(node, exp.Boolean):
+        return bool(node.this)
+    if isinstance(node, exp.Placeholder):
+        return ctx.bound[str(node.this)]
+    if isinstance(node, exp.Literal):
+        if node.is_string:
+            return node.this
+        text = str(node.this)
+        value: int | float = float(text) if any(c in text for c in ".eE") else int(text)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise error_at("number out of range", node)
+        return value
+    if isinstance(node, exp.Neg):
+        inner = _constant(node.this, ctx)
+        if isinstance(inner, int | float) and not isinstance(inner, bool):
+            return -inner
+    row = ctx.cur.execute(
+        "SELECT " + to_duckdb(node),
+        {str(p.this): ctx.bound[str(p.this)] for p in node.find_all(exp.Placeholder)},
+    ).fetchone()
+    return None if row is None else row[0]
+
+
+def insert(catalog: Any, stmt: exp.Insert, ctx: Context) -> Any:
+    target = stmt.this
+    names: list[str] | None = None
+    if isinstance(target, exp.Schema):
+        names = [c.name for c in target.expressions]
+        target = target.this
+    coll = catalog._get(target.name)
+    rec = coll.record
+    if names is None:
+        names = ["id", rec.vector_column, *rec.columns]
+    lowered = {c.lower(): c for c in ["id", rec.vector_column, *rec.columns]}
+    for n in names:
+        if n.lower() not in lowered:
+            raise error_at(f"unknown column {n!r} in table {rec.name!r}", stmt)
+    names = [lowered[n.lower()] for n in names]
+    if "id" not in names or rec.vector_column not in names:
+        raise error_at(f"INSERT must give id and {rec.vector_column}", stmt)
+    values = stmt.expression
+    if not isinstance(values, exp.Values):
+        raise error_at("INSERT supports VALUES (...) rows only", stmt)
+    ids: list[int] = []
+    vectors: list[np.ndarray] = []
+    metadata: list[dict[str, Any]] = []
+    for row in values.expressions:
+        cells = row.expressions if isinstance(row, exp.Tuple) else [row]
+        if len(cells) != len(names):
+            raise error_at(f"expected {len(names)} values, got {len(cells)}", row)
+        meta: dict[str, Any] = {}
+        for name, cell in zip(names, cells, strict=True):
+            if name == rec.vector_column:
+                vectors.append(as_float32(eval_vector(cell, ctx, rec.dim)))
+                continue
+            value = _constant(cell, ctx)
+            if name == "id":
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise error_at("id must be an integer", cell)
+                ids.append(value)
+            elif rec.columns[name] == "JSON" and isinstance(value, str):
+                try:
+                    meta[name] = json.loads(value)
+                except ValueError as exc:
+                    raise error_at(f"column {name!r}: not valid JSON", cell) from exc
+            else:
+                meta[name] = value
+        metadata.append(meta)
+    if len(set(ids)) != len(ids) and not stmt.meta.get("replace"):
+        raise error_at("duplicate id in INSERT; use REPLACE INTO to upsert", stmt)
+    try:
+        n = catalog.upsert(rec.name, np.array(ids, dtype=np.int64), np.stack(vectors), metadata,
+                           replace=bool(stmt.meta.get("replace")))
+    except InvalidInput as exc:
+        raise QueryError(exc.message, position=error_at("", stmt).position) from exc
+    return _affected(n)
+
+
+def _matching_ids(ctx: Context, table: exp.Table, where: exp.Expr | None) -> np.ndarray:
+    from service.sql.executor import run_subquery
+
+    query = exp.select(exp.column("id", table=table.alias_or_name)).from_(table.copy())
+    if where is not None:
+        query.set("where", where.copy())
+    with ctx.catalog.read_lock():
+        rows = run_subquery(ctx, query)
+    return np.array([r[0] for r in rows], dtype=np.int64)
+
+
+def delete(catalog: Any, stmt: exp.Delete, ctx: Context) -> Any:
+    table = stmt.this
+    if not isinstance(table, exp.Table):
+        raise error_at("DELETE FROM table [WHERE ...]", stmt)
+    ids = _matching_ids(ctx, table, stmt.args.get("where"))
+    return _affected(catalog.delete(table.name, ids) if len(ids) else 0)
+
+
+def update(catalog: Any, stmt: exp.Update, ctx: Context) -> Any:
+    table = stmt.this
+    if not isinstance(table, exp.Table) or stmt.args.get("from_") or stmt.args.get("joins"):
+        raise error_at("UPDATE table SET column = value [WHERE ...] (one table)", stmt)
+    coll = catalog._get(table.name)
+    rec = coll.record
+    for assignment in stmt.expressions:
+        col = assignment.this if isinstance(assignment, exp.EQ) else None
+        if not isinstance(col, exp.Column) or col.name not in rec.columns:
+            raise error_at(
+                f"UPDATE can set metadata columns only ({', '.join(rec.columns) or 'none'})",
+                assignment,
+            )
+    ids = _matching_ids(ctx, table, stmt.args.get("where"))
+    if len(ids) == 0:
+        return _affected(0)
+    storage = catalog._storage
+    view = storage.unique_name("ids")
+    sets = ", ".join(
+        f"{quote(a.this.name)} = CAST(({to_duckdb(a.expression)}) AS {rec.columns[a.this.name]})"
+        for a in stmt.expressions
+    )
+    used = {str(p.this) for a in stmt.expressions for p in a.find_all(exp.Placeholder)}
+    values = {k: v for k, v in ctx.bound.items() if k in used}
+    writer = storage.writer
+    with catalog._lock.write():
+        writer.register(view, {"id": ids})
+        try:
+            storage.begin()
+            cur = writer.execute(
+                f"UPDATE {quote(rec.name)} SET {sets} WHERE id IN (SELECT id FROM {view})",
+                values,
+            )
+            changed = cur.fetchone()
+            storage.commit()
+        except Exception as exc:
+            storage.rollback()
+            import duckdb
+
+            if isinstance(exc, duckdb.Error):
+                raise map_duckdb_error(exc, "update failed") from exc
+            raise
+        finally:
+            writer.unregister(view)
+    return _affected(int(changed[0]) if changed else len(ids))

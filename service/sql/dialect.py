@@ -1,0 +1,110 @@
+"""The dotsearch SQL dialect: sqlglot's SingleStore plus `<*>` and `VECTOR(d, F16)`."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import sqlglot
+from sqlglot import TokenType, exp
+from sqlglot.dialects.singlestore import SingleStore
+from sqlglot.errors import ParseError, TokenError
+from sqlglot.parsers.singlestore import SingleStoreParser
+
+from service.errors import QueryError
+
+# `<*>` needs a token of its own; CARET_AT (Postgres `^@`) is unused by the MySQL family.
+DOT_TOKEN = TokenType.CARET_AT
+
+
+class Dotsearch(SingleStore):
+    """SingleStore SQL with the infix dot product and half-precision vector columns."""
+
+    class Tokenizer(SingleStore.Tokenizer):
+        KEYWORDS: ClassVar = {**SingleStore.Tokenizer.KEYWORDS, "<*>": DOT_TOKEN}
+
+    class Parser(SingleStoreParser):
+        FACTOR: ClassVar[dict[TokenType, Any]] = {
+            **SingleStoreParser.FACTOR,
+            DOT_TOKEN: exp.DotProduct,
+        }
+
+        def _parse_vector_expressions(self, expressions: list[exp.Expr]) -> list[exp.Expr]:
+            if expressions[1].name.upper() == "F16":
+                return [exp.DataType.build("FLOAT"), expressions[0], exp.var("F16")]
+            return super()._parse_vector_expressions(expressions)
+
+
+DIALECT = Dotsearch()
+
+
+def position_of(node: exp.Expr | None) -> dict[str, int] | None:
+    """The line/column where a parsed node (or its first located descendant) starts."""
+    if node is None:
+        return None
+    for sub in node.walk():
+        meta: dict[str, Any] | None = getattr(sub, "_meta", None)
+        if meta and "line" in meta and "col" in meta:
+            width = int(meta.get("end", 0)) - int(meta.get("start", 0))
+            return {"line": int(meta["line"]), "column": max(1, int(meta["col"]) - width)}
+    return None
+
+
+def error_at(message: str, node: exp.Expr | None = None) -> QueryError:
+    return QueryError(message, position=position_of(node))
+
+
+def parse_script(sql: str) -> list[exp.Expr]:
+    """Parse one or more ';'-separated statements; QueryError with position on failure."""
+    if not isinstance(sql, str):
+        raise QueryError(f"sql must be a string, got {type(sql).__name__}")
+    if not sql.strip():
+        raise QueryError("empty query")
+    if len(sql) > 4_000_000:
+        raise QueryError("query text too long")
+    try:
+        statements = sqlglot.parse(sql, read=DIALECT)
+    except ParseError as exc:
+        first = exc.errors[0] if exc.errors else {}
+        desc = str(first.get("description") or exc).split("\n")[0]
+        pos = None
+        if first.get("line") is not None:
+            pos = {"line": int(first["line"]), "column": int(first["col"])}
+        raise QueryError(f"syntax error: {desc}", position=pos) from exc
+    except TokenError as exc:
+        raise QueryError(f"syntax error: {str(exc).splitlines()[0]}") from exc
+    except RecursionError as exc:
+        raise QueryError("query nested too deeply") from exc
+    except Exception as exc:  # sqlglot may raise plain errors on odd input
+        raise QueryError(f"syntax error: {type(exc).__name__}: {exc}") from exc
+    out = [s for s in statements if s is not None]
+    if not out:
+        raise QueryError("empty query")
+    return out
+
+
+def parse_condition(text: str) -> exp.Expr:
+    """Parse a boolean expression (a search filter)."""
+    if not isinstance(text, str) or not text.strip():
+        raise QueryError("filter must be a non-empty SQL boolean expression")
+    try:
+        cond = sqlglot.parse_one(text, read=DIALECT, into=exp.Condition)
+    except ParseError as exc:
+        first = exc.errors[0] if exc.errors else {}
+        desc = str(first.get("description") or exc).split("\n")[0]
+        pos = None
+        if first.get("line") is not None:
+            pos = {"line": int(first["line"]), "column": int(first["col"])}
+        raise QueryError(f"filter syntax error: {desc}", position=pos) from exc
+    except RecursionError as exc:
+        raise QueryError("filter nested too deeply") from exc
+    except Exception as exc:
+        raise QueryError(f"filter syntax error: {type(exc).__name__}: {exc}") from exc
+    return cond
+
+
+def to_duckdb(node: exp.Expr) -> str:
+    """Render an (already checked and rewritten) AST as DuckDB SQL."""
+    try:
+        return node.sql(dialect="duckdb")
+    except Exception as exc:
+        raise error_at(f"cannot translate statement: {exc}", node) from exc

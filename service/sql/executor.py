@@ -1,0 +1,175 @@
+"""Runs SQL scripts: checks each statement, plans vector scopes, executes the rest in DuckDB."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import duckdb
+from sqlglot import exp
+
+from service.errors import DotsearchError, QueryError
+from service.sql.dialect import error_at, parse_script, to_duckdb
+from service.sql.planner import ScopePlan, plan_select, rewrite_all_slow
+from service.sql.vectors import Context, bind_parameters
+from service.storage import json_value, map_duckdb_error
+
+log = logging.getLogger(__name__)
+
+MAX_RESULT_ROWS = 100_000
+QUERY_TYPES = (exp.Select, exp.SetOperation)
+DENIED_FUNCTION_PREFIXES = ("duckdb_", "pragma_", "read_", "current_setting", "getenv",
+                            "glob", "query", "sniff_", "parquet_", "iceberg_", "delta_")
+
+
+def execute_script(catalog: Any, sql: str, params: dict[str, Any] | list[Any] | None) -> Any:
+    """Parse and run each statement in order; the result of the last one."""
+    from service.collections import QueryResult
+
+    if params is not None and not isinstance(params, dict | list | tuple):
+        raise QueryError("params must be an object (for :name) or a list (for ?)")
+    statements = parse_script(sql)
+    positional = [0]
+    result = QueryResult([], [], [])
+    for stmt in statements:
+        try:
+            result = execute_statement(catalog, stmt, params, positional)
+        except DotsearchError:
+            raise
+        except duckdb.Error as exc:
+            raise _duckdb_query_error(exc, stmt) from exc
+        except RecursionError as exc:
+            raise error_at("statement nested too deeply", stmt) from exc
+        except Exception as exc:  # never a traceback to the user
+            log.exception("unexpected failure running SQL")
+            raise QueryError(f"could not run statement: {type(exc).__name__}") from exc
+    return result
+
+
+def _duckdb_query_error(exc: duckdb.Error, stmt: exp.Expr) -> DotsearchError:
+    err = map_duckdb_error(exc, "query failed")
+    message = str(exc)
+    if '"' in message:
+        name = message.split('"')[1]
+        for col in stmt.find_all(exp.Column, exp.Table, exp.Identifier):
+            if col.name == name:
+                err.position = error_at("", col).position
+                break
+    return err
+
+
+def check_statement(stmt: exp.Expr, catalog: Any) -> None:
+    """Refuse what is not ours to run: unknown tables, table functions, internal tables."""
+    cte_names = {cte.alias_or_name.lower() for cte in stmt.find_all(exp.CTE)}
+    for table in stmt.find_all(exp.Table):
+        if not isinstance(table.this, exp.Identifier):
+            raise error_at("table functions are not supported; name a collection", table)
+        if table.args.get("db") or table.args.get("catalog"):
+            raise error_at("qualified table names are not supported", table)
+        name = table.name
+        if name.lower() in cte_names:
+            table.meta["cte"] = True
+            continue
+        if name not in catalog._collections:
+            known = ", ".join(sorted(catalog._collections)) or "none"
+            raise error_at(f"unknown table {name!r} (collections: {known})", table)
+    for func in stmt.find_all(exp.Func):
+        fname = (func.this if isinstance(func, exp.Anonymous) else func.sql_name()) or ""
+        if isinstance(fname, str) and fname.lower().startswith(DENIED_FUNCTION_PREFIXES):
+            raise error_at(f"function {fname} is not allowed", func)
+    for node in stmt.find_all(exp.Command, exp.Pragma, exp.Set, exp.Copy, exp.Attach):
+        raise error_at("unsupported statement", node)
+
+
+def _new_context(catalog: Any, explain: bool = False) -> Context:
+    return Context(catalog, catalog.reader(), explain=explain, run_subquery=run_subquery)
+
+
+def execute_statement(catalog: Any, stmt: exp.Expr, params: Any, positional: list[int]) -> Any:
+    from service.sql import ddl
+
+    if isinstance(stmt, exp.Command) and str(stmt.this).upper() == "REPLACE":
+        stmt = ddl.reparse_replace(stmt)
+    if isinstance(stmt, exp.Describe) and isinstance(stmt.this, QUERY_TYPES):
+        return explain_query(catalog, stmt.this, params, positional)
+    if isinstance(stmt, QUERY_TYPES):
+        check_statement(stmt, catalog)
+        with catalog.read_lock():
+            ctx = _new_context(catalog)
+            try:
+                bind_parameters(stmt, params, ctx, positional)
+                return run_query(ctx, stmt)
+            finally:
+                ctx.cleanup()
+    return ddl.execute_other(catalog, stmt, params, positional)
+
+
+def plan_statement(ctx: Context, stmt: exp.Expr) -> list[ScopePlan]:
+    """Plan every SELECT scope (outermost first) and rewrite the leftovers for DuckDB."""
+    plans: list[ScopePlan] = []
+    root = stmt.root()
+    selects = [s for s in stmt.walk(bfs=False) if isinstance(s, exp.Select)]
+    for select in selects:
+        if select.meta.get("ds_internal") or select.root() is not root:
+            continue
+        plans.extend(plan_select(select, ctx))
+    rewrite_all_slow(stmt, ctx)
+    return plans
+
+
+def _execute(ctx: Context, stmt: exp.Expr) -> duckdb.DuckDBPyConnection:
+    sql = to_duckdb(stmt)
+    used = {str(p.this) for p in stmt.find_all(exp.Placeholder)}
+    values = {k: v for k, v in ctx.bound.items() if k in used}
+    return ctx.cur.execute(sql, values)
+
+
+def run_subquery(ctx: Context, node: exp.Expr) -> list[tuple[Any, ...]]:
+    """Plan and run a nested query (a vector subquery, an allow-list) on a copy."""
+    query = node.copy()
+    plan_statement(ctx, query)
+    rows: list[tuple[Any, ...]] = _execute(ctx, query).fetchall()
+    return rows
+
+
+def run_query(ctx: Context, stmt: exp.Expr) -> Any:
+    from service.collections import QueryResult
+
+    plan_statement(ctx, stmt)
+    cur = _execute(ctx, stmt)
+    names = [d[0] for d in cur.description or []]
+    types = [str(d[1]) for d in cur.description or []]
+    rows = cur.fetchmany(MAX_RESULT_ROWS + 1)
+    if len(rows) > MAX_RESULT_ROWS:
+        raise error_at(f"result has more than {MAX_RESULT_ROWS} rows; add a LIMIT", stmt)
+    converted = [[_cell(v, t) for v, t in zip(row, types, strict=True)] for row in rows]
+    return QueryResult(names, types, converted)
+
+
+def _cell(value: Any, sql_type: str) -> Any:
+    if sql_type == "JSON" and isinstance(value, str):
+        import json
+
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return json_value(value)
+
+
+def explain_query(catalog: Any, query: exp.Expr, params: Any, positional: list[int]) -> Any:
+    """EXPLAIN: what would run, without running the vector search."""
+    from service.collections import QueryResult
+    from service.sql.explain import describe_plan
+
+    check_statement(query, catalog)
+    with catalog.read_lock():
+        ctx = _new_context(catalog, explain=True)
+        try:
+            bind_parameters(query, params, ctx, positional)
+            plans = plan_statement(ctx, query)
+            text = describe_plan(catalog, plans, to_duckdb(query))
+        finally:
+            ctx.cleanup()
+    lines = text.splitlines()
+    return QueryResult(["plan"], ["VARCHAR"], [[line] for line in lines], explain=text)

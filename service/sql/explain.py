@@ -1,0 +1,37 @@
+"""EXPLAIN text: which scopes run on the index (how, on what backend) and what DuckDB runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.sql.planner import ScopePlan
+
+
+def describe_plan(catalog: Any, plans: list[ScopePlan], duckdb_sql: str) -> str:
+    """Human-readable plan: one block per vector scope, then the DuckDB statement."""
+    lines: list[str] = []
+    for i, plan in enumerate(plans, 1):
+        coll = catalog._collections[plan.table]
+        rec = coll.record
+        lines.append(
+            f"vector scope {i}: exact {plan.mode} on collection {rec.name} "
+            f"[{plan.function}; metric {rec.metric}, {rec.dtype}, backend {catalog.backend_name}]"
+        )
+        lines.append(f"  rows scanned: {plan.rows} (brute force, every allowed row scored)")
+        if plan.allowed is None:
+            lines.append("  metadata pre-filter: none")
+        else:
+            share = plan.allowed / plan.rows if plan.rows else 0.0
+            lines.append(
+                f"  metadata pre-filter (DuckDB -> allow-list): {plan.allowed} rows, "
+                f"selectivity {share:.2%}"
+            )
+        if plan.k is not None:
+            lines.append(f"  top-k: k = {plan.k} (LIMIT + OFFSET), ties by id ascending")
+        if plan.threshold is not None:
+            lines.append(f"  threshold: score {plan.threshold} (index range search)")
+    if not plans:
+        lines.append("no vector scope: DuckDB runs the whole statement")
+    lines.append("DuckDB over the candidate (id, score) rows:")
+    lines.append("  " + duckdb_sql)
+    return "\n".join(lines)

@@ -1,0 +1,470 @@
+"""DuckDB as the system of record: one database file, one table per collection, a schema version."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import numpy.typing as npt
+
+from service.errors import (
+    Conflict,
+    DotsearchError,
+    InvalidInput,
+    QueryError,
+    SchemaVersionError,
+    StorageError,
+)
+
+SCHEMA_VERSION = 1
+DB_FILENAME = "dotsearch.duckdb"
+META_TABLE = "_dotsearch_meta"
+COLLECTIONS_TABLE = "_dotsearch_collections"
+THUMBNAIL_COLUMN = "_thumbnail"
+# Rows per chunk when writing or reading vectors: bounds the Python-side copies.
+CHUNK_ROWS = 8192
+
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
+
+# Accepted metadata column types -> the canonical DuckDB type stored.
+TYPE_ALIASES: dict[str, str] = {
+    "BIGINT": "BIGINT",
+    "INT": "BIGINT",
+    "INTEGER": "BIGINT",
+    "INT64": "BIGINT",
+    "DOUBLE": "DOUBLE",
+    "FLOAT": "DOUBLE",
+    "REAL": "DOUBLE",
+    "VARCHAR": "VARCHAR",
+    "TEXT": "VARCHAR",
+    "STRING": "VARCHAR",
+    "BOOLEAN": "BOOLEAN",
+    "BOOL": "BOOLEAN",
+    "TIMESTAMP": "TIMESTAMP",
+    "DATETIME": "TIMESTAMP",
+    "JSON": "JSON",
+}
+RESERVED_COLUMNS = {"id", THUMBNAIL_COLUMN, "rowid"}
+
+
+@dataclass
+class CollectionRecord:
+    """What the catalog table stores about one collection."""
+
+    name: str
+    dim: int
+    metric: str
+    dtype: str
+    columns: dict[str, str] = field(default_factory=dict)
+    thumbnails: bool = False
+    vector_column: str = "feature"
+
+
+def check_name(kind: str, name: object) -> str:
+    """A table or column name: letters, digits, underscore, starting with a letter."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InvalidInput(
+            f"{kind} name must match [A-Za-z][A-Za-z0-9_]{{0,62}}, got {name!r}"
+        )
+    return name
+
+
+def canonical_type(column: str, sql_type: object) -> str:
+    if not isinstance(sql_type, str) or sql_type.strip().upper() not in TYPE_ALIASES:
+        raise InvalidInput(
+            f"column {column!r}: type must be one of BIGINT, DOUBLE, VARCHAR/TEXT, BOOLEAN, "
+            f"TIMESTAMP, JSON; got {sql_type!r}"
+        )
+    return TYPE_ALIASES[sql_type.strip().upper()]
+
+
+def quote(name: str) -> str:
+    """Quote an identifier that has already passed check_name (no quotes inside)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _metadata_text(column: str, sql_type: str, value: Any) -> str | None:
+    """One metadata value as the text DuckDB casts to the column type; InvalidInput if wrong."""
+    if value is None:
+        return None
+    bad = InvalidInput(f"metadata {column!r} ({sql_type}): unacceptable value {value!r}")
+    if sql_type == "BIGINT":
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise bad
+        if not -(2**63) <= int(value) < 2**63:
+            raise bad
+        return str(int(value))
+    if sql_type == "DOUBLE":
+        if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+            raise bad
+        if not math.isfinite(float(value)):
+            raise bad
+        return repr(float(value))
+    if sql_type == "VARCHAR":
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if sql_type == "BOOLEAN":
+        if not isinstance(value, bool | np.bool_):
+            raise bad
+        return "true" if value else "false"
+    if sql_type == "TIMESTAMP":
+        if isinstance(value, datetime | date):
+            return value.isoformat()
+        if isinstance(value, str):
+            return value
+        raise bad
+    if sql_type == "JSON":
+        try:
+            return json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise bad from exc
+    raise bad
+
+
+def map_duckdb_error(exc: Exception, what: str) -> DotsearchError:
+    """Translate a DuckDB exception into the service's hierarchy (message without SQL echo)."""
+    message = str(exc).split("\n\nLINE", 1)[0].split("\nLINE", 1)[0].strip()
+    if isinstance(exc, duckdb.ConstraintException):
+        return Conflict(f"{what}: {message}")
+    if isinstance(exc, duckdb.ConversionException | duckdb.InvalidInputException):
+        return InvalidInput(f"{what}: {message}")
+    if isinstance(
+        exc, duckdb.IOException | duckdb.FatalException | duckdb.InternalException
+    ) or "No space left" in message:
+        return StorageError(f"{what} failed in storage: {message}")
+    if isinstance(exc, duckdb.OutOfMemoryException):
+        return StorageError(f"{what}: DuckDB ran out of its memory budget: {message}")
+    return QueryError(f"{what}: {message}")
+
+
+class Storage:
+    """The DuckDB database: per-thread read cursors, one writer cursor, catalog tables.
+
+    Writes go through ``writer`` only, under the caller's writer mutex; each reader
+    thread gets its own cursor (a DuckDB connection to the same database).
+    """
+
+    def __init__(self, data_dir: Path | str, *, memory_limit: str = "512MB") -> None:
+        self.data_dir = Path(data_dir)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create data directory {self.data_dir}: {exc}") from exc
+        self.path = self.data_dir / DB_FILENAME
+        config: dict[str, str | bool | int | float | list[str]] = {
+            "memory_limit": memory_limit,
+            "enable_external_access": False,
+            "preserve_insertion_order": False,
+        }
+        try:
+            self.con = duckdb.connect(str(self.path), config=config)
+        except duckdb.Error as exc:
+            raise StorageError(f"cannot open {self.path}: {str(exc).splitlines()[0]}") from exc
+        self._local = threading.local()
+        self._cursors: list[duckdb.DuckDBPyConnection] = []
+        self._cursors_lock = threading.Lock()
+        self._register_counter = 0
+        self.writer = self.con.cursor()
+        self._init_schema()
+
+    # -- connections -------------------------------------------------------------------
+
+    def reader(self) -> duckdb.DuckDBPyConnection:
+        """This thread's own cursor."""
+        cur: duckdb.DuckDBPyConnection | None = getattr(self._local, "cursor", None)
+        if cur is None:
+            cur = self.con.cursor()
+            self._local.cursor = cur
+            with self._cursors_lock:
+                self._cursors.append(cur)
+        return cur
+
+    def unique_name(self, prefix: str) -> str:
+        with self._cursors_lock:
+            self._register_counter += 1
+            return f"__{prefix}_{self._register_counter}"
+
+    def close(self) -> None:
+        with self._cursors_lock:
+            for cur in self._cursors:
+                with contextlib.suppress(duckdb.Error):
+                    cur.close()
+            self._cursors.clear()
+        try:
+            self.writer.close()
+            self.con.close()
+        except duckdb.Error:
+            pass
+
+    # -- schema ------------------------------------------------------------------------
+
+    def _init_schema(self) -> None:
+        cur = self.writer
+        found_tables = cur.execute("SELECT table_name FROM duckdb_tables()").fetchall()
+        tables = {row[0] for row in found_tables}
+        if META_TABLE not in tables:
+            cur.execute("BEGIN")
+            cur.execute(f"CREATE TABLE {META_TABLE} (key VARCHAR PRIMARY KEY, value VARCHAR)")
+            cur.execute(
+                f"CREATE TABLE {COLLECTIONS_TABLE} (name VARCHAR PRIMARY KEY, dim INTEGER, "
+                "metric VARCHAR, dtype VARCHAR, columns VARCHAR, thumbnails BOOLEAN, "
+                "vector_column VARCHAR)"
+            )
+            cur.execute(
+                f"INSERT INTO {META_TABLE} VALUES ('schema_version', $v)",
+                {"v": str(SCHEMA_VERSION)},
+            )
+            cur.execute("COMMIT")
+            return
+        row = cur.execute(
+            f"SELECT value FROM {META_TABLE} WHERE key = 'schema_version'"
+        ).fetchone()
+        found = row[0] if row else None
+        if found != str(SCHEMA_VERSION):
+            raise SchemaVersionError(
+                f"{self.path} has storage schema version {found!r}, but this dotsearch reads "
+                f"version {SCHEMA_VERSION}; use a matching dotsearch release or a new "
+                "data directory"
+            )
+
+    def load_records(self) -> list[CollectionRecord]:
+        rows = self.writer.execute(
+            f"SELECT name, dim, metric, dtype, columns, thumbnails, vector_column "
+            f"FROM {COLLECTIONS_TABLE} ORDER BY name"
+        ).fetchall()
+        return [
+            CollectionRecord(r[0], int(r[1]), r[2], r[3], json.loads(r[4]), bool(r[5]), r[6])
+            for r in rows
+        ]
+
+    def create_table(self, rec: CollectionRecord) -> None:
+        cols = ["id BIGINT PRIMARY KEY", f"{quote(rec.vector_column)} BLOB NOT NULL"]
+        cols += [f"{quote(c)} {t}" for c, t in rec.columns.items()]
+        if rec.thumbnails:
+            cols.append(f"{THUMBNAIL_COLUMN} BLOB")
+        cur = self.writer
+        try:
+            cur.execute("BEGIN")
+            cur.execute(f"CREATE TABLE {quote(rec.name)} ({', '.join(cols)})")
+            cur.execute(
+                f"INSERT INTO {COLLECTIONS_TABLE} VALUES ($n, $d, $m, $t, $c, $th, $v)",
+                {
+                    "n": rec.name,
+                    "d": rec.dim,
+                    "m": rec.metric,
+                    "t": rec.dtype,
+                    "c": json.dumps(rec.columns),
+                    "th": rec.thumbnails,
+                    "v": rec.vector_column,
+                },
+            )
+            cur.execute("COMMIT")
+        except duckdb.Error as exc:
+            self.rollback()
+            raise map_duckdb_error(exc, f"create table {rec.name!r}") from exc
+
+    def drop_table(self, name: str) -> None:
+        cur = self.writer
+        try:
+            cur.execute("BEGIN")
+            cur.execute(f"DROP TABLE IF EXISTS {quote(name)}")
+            cur.execute(f"DELETE FROM {COLLECTIONS_TABLE} WHERE name = $n", {"n": name})
+            cur.execute("COMMIT")
+        except duckdb.Error as exc:
+            self.rollback()
+            raise map_duckdb_error(exc, f"drop table {name!r}") from exc
+
+    # -- writes (caller holds the writer mutex; BEGIN here, COMMIT by commit()) ----------
+
+    def begin(self) -> None:
+        self.writer.execute("BEGIN")
+
+    def commit(self) -> None:
+        try:
+            self.writer.execute("COMMIT")
+        except duckdb.Error as exc:
+            self.rollback()
+            raise map_duckdb_error(exc, "commit") from exc
+
+    def rollback(self) -> None:
+        with contextlib.suppress(duckdb.Error):
+            self.writer.execute("ROLLBACK")
+
+    def stage_upsert(
+        self,
+        rec: CollectionRecord,
+        ids: npt.NDArray[np.int64],
+        vectors: npt.NDArray[np.float32],
+        metadata: Sequence[dict[str, Any]] | None,
+        thumbnails: Sequence[bytes | None] | None,
+    ) -> None:
+        """INSERT OR REPLACE the rows inside the open transaction (ids already unique)."""
+        names = ["id", rec.vector_column, *rec.columns]
+        select = ["id", quote(rec.vector_column)]
+        select += [f"CAST({quote(c)} AS {t}) AS {quote(c)}" for c, t in rec.columns.items()]
+        if rec.thumbnails:
+            names.append(THUMBNAIL_COLUMN)
+            select.append(THUMBNAIL_COLUMN)
+        texts: dict[str, list[str | None]] = {c: [] for c in rec.columns}
+        for i in range(len(ids)):
+            row = metadata[i] if metadata is not None else {}
+            for c, t in rec.columns.items():
+                texts[c].append(_metadata_text(c, t, row.get(c)))
+        target = quote(rec.name)
+        column_list = ", ".join(quote(n) for n in names)
+        for start in range(0, len(ids), CHUNK_ROWS):
+            stop = min(start + CHUNK_ROWS, len(ids))
+            batch: dict[str, npt.NDArray[Any]] = {
+                "id": ids[start:stop],
+                rec.vector_column: _blob_column(vectors[start:stop]),
+            }
+            for c in rec.columns:
+                batch[c] = _object_column(texts[c][start:stop])
+            if rec.thumbnails:
+                thumbs = list(thumbnails[start:stop]) if thumbnails is not None else []
+                thumbs += [None] * (stop - start - len(thumbs))
+                batch[THUMBNAIL_COLUMN] = _object_column(thumbs)
+            view = self.unique_name("batch")
+            self.writer.register(view, batch)
+            try:
+                self.writer.execute(
+                    f"INSERT OR REPLACE INTO {target} ({column_list}) "
+                    f"SELECT {', '.join(select)} FROM {view}"
+                )
+            finally:
+                self.writer.unregister(view)
+
+    def stage_delete(self, name: str, ids: npt.NDArray[np.int64]) -> None:
+        view = self.unique_name("ids")
+        self.writer.register(view, {"id": ids})
+        try:
+            self.writer.execute(
+                f"DELETE FROM {quote(name)} WHERE id IN (SELECT id FROM {view})"
+            )
+        finally:
+            self.writer.unregister(view)
+
+    # -- reads --------------------------------------------------------------------------
+
+    def existing_ids(
+        self, cur: duckdb.DuckDBPyConnection, name: str, ids: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.int64]:
+        view = self.unique_name("ids")
+        cur.register(view, {"id": ids})
+        try:
+            got = cur.execute(
+                f"SELECT t.id FROM {quote(name)} t JOIN {view} v ON t.id = v.id"
+            ).fetchnumpy()["id"]
+        finally:
+            cur.unregister(view)
+        return np.asarray(got, dtype=np.int64)
+
+    def max_id(self, name: str) -> int:
+        row = self.writer.execute(f"SELECT max(id) FROM {quote(name)}").fetchone()
+        return -1 if row is None or row[0] is None else int(row[0])
+
+    def iter_vectors(
+        self, rec: CollectionRecord, chunk_rows: int = 65536
+    ) -> Iterator[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
+        """Every stored (ids, vectors) in chunks of rowid ranges."""
+        cur = self.writer
+        row = cur.execute(f"SELECT max(rowid) FROM {quote(rec.name)}").fetchone()
+        if row is None or row[0] is None:
+            return
+        last = int(row[0])
+        for start in range(0, last + 1, chunk_rows):
+            got = cur.execute(
+                f"SELECT id, {quote(rec.vector_column)} AS v FROM {quote(rec.name)} "
+                "WHERE rowid >= $a AND rowid < $b",
+                {"a": start, "b": start + chunk_rows},
+            ).fetchnumpy()
+            if len(got["id"]) == 0:
+                continue
+            ids = np.asarray(got["id"], dtype=np.int64)
+            vectors = np.frombuffer(b"".join(got["v"]), dtype="<f4").reshape(len(ids), rec.dim)
+            yield ids, vectors
+
+    def fetch_rows(
+        self,
+        cur: duckdb.DuckDBPyConnection,
+        name: str,
+        ids: npt.NDArray[np.int64],
+        columns: dict[str, str],
+    ) -> dict[int, dict[str, Any]]:
+        """Metadata (JSON-friendly) for ids, keyed by id; absent ids are left out."""
+        if len(ids) == 0:
+            return {}
+        view = self.unique_name("ids")
+        cur.register(view, {"id": np.asarray(ids, dtype=np.int64)})
+        try:
+            projection = ", ".join(["t.id", *(f"t.{quote(c)}" for c in columns)])
+            rows = cur.execute(
+                f"SELECT {projection} FROM {quote(name)} t "
+                f"WHERE t.id IN (SELECT id FROM {view})"
+            ).fetchall()
+        finally:
+            cur.unregister(view)
+        return {
+            int(r[0]): {
+                c: decode_json(v) if columns[c] == "JSON" else json_value(v)
+                for c, v in zip(columns, r[1:], strict=True)
+            }
+            for r in rows
+        }
+
+
+def _blob_column(vectors: npt.NDArray[np.float32]) -> npt.NDArray[Any]:
+    """Packed little-endian float32 rows as an object array of bytes (DuckDB BLOB)."""
+    packed = np.ascontiguousarray(vectors, dtype="<f4")
+    out = np.empty(len(packed), dtype=object)
+    for i in range(len(packed)):
+        out[i] = packed[i].tobytes()
+    return out
+
+
+def _object_column(values: Sequence[Any]) -> npt.NDArray[Any]:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def decode_json(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return json_value(value)
+
+
+def json_value(value: Any) -> Any:
+    """A DuckDB value made JSON-friendly: timestamps as ISO text, bytes as 0x-hex."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "0x" + bytes(value).hex()
+    if isinstance(value, list | tuple):
+        return [json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): json_value(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return json_value(value.item())
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
