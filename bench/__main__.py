@@ -25,7 +25,8 @@ SUITES: dict[str, tuple[str, str]] = {
 
 def _suite(name: str) -> Callable[..., object]:
     module_name, function = SUITES[name]
-    return getattr(importlib.import_module(module_name), function)  # type: ignore[no-any-return]
+    found: Callable[..., object] = getattr(importlib.import_module(module_name), function)
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:

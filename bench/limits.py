@@ -77,10 +77,13 @@ def device_gemm_peak(dtype: str, size: int = 8192) -> float:
     return 2.0 * size**3 / timing.median_s
 
 
-def run_limits(report: Report, quick: bool = False) -> dict[str, float]:
-    """Measure every floor this machine has and record it in ``report.limits``."""
+def run_limits(report: Report, quick: bool = False, tiny: bool = False) -> dict[str, float]:
+    """Measure every floor this machine has and record it in ``report.limits``.
+
+    ``tiny`` (tests only) uses sizes too small to mean anything.
+    """
     suite = "limits"
-    rows = 32_768 if quick else 131_072
+    rows = 512 if tiny else (32_768 if quick else 131_072)
     matrix = np.ones((rows, 2048), dtype=np.float32)  # 256 MiB quick, 1 GiB full
     limits: dict[str, float] = {}
     limits["host_read_GBps"] = host_read_bandwidth(matrix) / 1e9
@@ -89,6 +92,7 @@ def run_limits(report: Report, quick: bool = False) -> dict[str, float]:
     del matrix
     for dtype in ("float32", "float16"):
         size = 512 if dtype == "float16" else (1024 if quick else 2048)
+        size = 128 if tiny else size
         key = f"host_gemm_{dtype}_GFLOPs"
         try:
             limits[key] = host_gemm_peak(dtype, size) / 1e9
@@ -104,7 +108,7 @@ def run_limits(report: Report, quick: bool = False) -> dict[str, float]:
     else:
         import cupy
 
-        elements = (1 << 28) if quick else (1 << 30)
+        elements = (1 << 20) if tiny else (1 << 28) if quick else (1 << 30)
         device_matrix = cupy.ones(elements, dtype=cupy.float16)
         bandwidth = device_read_bandwidth(device_matrix)
         del device_matrix
@@ -114,7 +118,7 @@ def run_limits(report: Report, quick: bool = False) -> dict[str, float]:
                        f"and d2d copy {bandwidth['copy_read'] / 1e9:.0f} (read half)")
         for dtype in ("float32", "float16"):
             key = f"device_gemm_{dtype}_GFLOPs"
-            limits[key] = device_gemm_peak(dtype, 4096 if quick else 8192) / 1e9
+            limits[key] = device_gemm_peak(dtype, 512 if tiny else 4096 if quick else 8192) / 1e9
             report.add_row(suite, limit=f"device GEMM peak {dtype}", value=limits[key],
                            unit="GFLOP/s", method="cupy.matmul (cuBLAS)")
     report.limits.update(limits)

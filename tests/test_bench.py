@@ -1,0 +1,159 @@
+"""The benchmark harness at a tiny size: every suite runs, writes valid JSON, refuses bad peers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.engine import Cell, check_answers, exact_reference, run_engine
+from bench.harness import Report, SuiteSkipped, device_info, measure, percentile
+from bench.limits import run_limits
+from bench.peers import Searcher, System, systems
+
+
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _report() -> Report:
+    report = Report(device_info(), quick=True)
+    report.limits.update({"host_read_GBps": 10.0, "host_gemm_float32_GFLOPs": 50.0})
+    return report
+
+
+def _written(report: Report, out: Path) -> dict:
+    paths = report.write(out)
+    payload = json.loads(paths["json"].read_text())
+    assert paths["markdown"].read_text().startswith("# dotsearch benchmark")
+    return payload
+
+
+def test_measure_rotates_inputs_and_takes_a_median() -> None:
+    seen: list[int] = []
+    timing = measure(seen.append, [1, 2, 3], warmup=1, repeats=3, min_repeat_s=0.0)
+    assert timing.repeats >= 3 and timing.median_s >= 0
+    assert set(seen) == {1, 2, 3}
+    assert percentile([1.0, 2.0, 3.0], 50) == 2.0
+
+
+def test_exact_reference_matches_numpy_sort() -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((300, 8)).astype(np.float32)
+    queries = rng.standard_normal((3, 8)).astype(np.float32)
+    ids = np.arange(300) * 2
+    for metric in ("dot", "l2"):
+        scores, found = exact_reference(ids, vectors, queries, 5, metric)
+        exact = queries.astype(np.float64) @ vectors.T.astype(np.float64)
+        if metric == "l2":
+            exact = -np.linalg.norm(vectors[None] - queries[:, None], axis=2)
+        assert (found == ids[np.argsort(-exact, axis=1)[:, :5]]).all()
+        assert np.allclose(np.abs(scores), np.abs(np.sort(-exact, axis=1)[:, :5]), atol=1e-9)
+
+
+def test_check_answers_refuses_wrong_ids_and_wrong_scores() -> None:
+    ref_scores = np.array([[0.9, 0.8, 0.7]])
+    ref_ids = np.array([[1, 2, 3]])
+    assert check_answers(ref_scores, ref_ids, ref_scores, ref_ids, "float32") == (1.0, None)
+    recall, why = check_answers(ref_scores, np.array([[7, 8, 9]]), ref_scores, ref_ids, "float32")
+    assert recall == 0.0 and why is not None and "recall" in why
+    _, why = check_answers(ref_scores + 0.5, ref_ids, ref_scores, ref_ids, "float32")
+    assert why is not None and "scores" in why
+
+
+def test_limits_suite_records_the_floors(tmp_path: Path) -> None:
+    report = Report(device_info(), quick=True)
+    limits = run_limits(report, tiny=True)
+    assert limits["host_read_GBps"] > 0 and limits["host_gemm_float32_GFLOPs"] > 0
+    payload = _written(report, tmp_path)
+    assert payload["limits"]["host_read_GBps"] == pytest.approx(limits["host_read_GBps"])
+
+
+def _liar(ids: np.ndarray, vectors: np.ndarray, metric: str, dtype: str) -> Searcher:
+    """A peer that is fast and wrong: it returns the first k ids whatever the query."""
+
+    def search(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        found = np.tile(ids[:k], (len(queries), 1))
+        return np.ones(found.shape, dtype=np.float32), found
+
+    return Searcher(search)
+
+
+def test_engine_suite_runs_every_system_and_refuses_a_wrong_peer(tmp_path: Path) -> None:
+    report = _report()
+    liar = System("liar", "peer", _liar, lambda *_: None)
+    cells = [Cell(400, 32, 1, 5), Cell(800, 32, 1, 5), Cell(400, 32, 4, 5, metric="l2"),
+             Cell(400, 32, 4, 5, metric="dot"), Cell(300, 16, 2, 3, dtype="float16")]
+    rows = run_engine(report, cells=cells, contenders=[*systems(), liar])
+    by_system: dict[str, list[dict]] = {}
+    for row in rows:
+        by_system.setdefault(row["system"], []).append(row)
+    assert all(r["status"] == "ok" for r in by_system["dotsearch-cpu"]), by_system["dotsearch-cpu"]
+    assert all(r["recall"] == 1.0 for r in by_system["numpy"] if r["status"] == "ok")
+    assert all(r["status"].startswith("refused") for r in by_system["liar"])
+    assert any(r["status"].startswith("skipped") for r in by_system["numpy"])  # float16 cell
+    speedups = report.rows["engine-speedups"]
+    assert speedups and all(r["peer"] != "liar" for r in speedups)
+    payload = _written(report, tmp_path)
+    assert payload["suites"]["engine"]["rows"]
+    assert (tmp_path / "engine_d32_q1_k5.png").exists()
+
+
+def test_engine_headline_prints_the_ratios(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.engine import main
+
+    assert main(["--n", "3000", "--dim", "64", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "memory bandwidth" in printed and "faiss-cpu IndexFlatIP" in printed
+    ratios = json.loads((tmp_path / "results.json").read_text())["suites"]["engine-headline"]
+    assert all(r["value"] is not None for r in ratios["ratios"])
+
+
+def test_cli_runs_named_suites_and_merges_results(tmp_path: Path) -> None:
+    from bench.__main__ import main
+
+    assert main(["limits", "--quick", "--out", str(tmp_path)]) == 0
+    report = Report(device_info())
+    report.add_row("other", value=1.0)
+    report.write(tmp_path)
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert {"limits", "other"} <= set(payload["suites"])
+    with pytest.raises(SystemExit):
+        main(["no-such-suite"])
+
+
+def _run_or_skip(function: object, report: Report, **sizes: int) -> None:
+    try:
+        function(report, quick=True, **sizes)  # type: ignore[operator]
+    except SuiteSkipped as exc:
+        pytest.skip(f"suite cannot run yet: {exc}")
+
+
+@pytest.mark.skipif(not _has("service.sql.executor"), reason="the SQL executor has not landed")
+def test_sql_suite_tiny(tmp_path: Path) -> None:
+    from bench.sql import run_sql
+
+    report = _report()
+    _run_or_skip(run_sql, report, n=2000, dim=32)
+    rows = report.rows["sql"]
+    assert {r["shape"] for r in rows} >= {"direct engine", "sql top-10", "duckdb top-10"}
+    assert all(r["status"] == "ok" for r in rows), rows
+    assert _written(report, tmp_path)["suites"]["sql"]["ratios"]
+
+
+@pytest.mark.skipif(not _has("service.collections"), reason="the storage layer has not landed")
+def test_ingest_suite_tiny(tmp_path: Path) -> None:
+    from bench.ingest import run_ingest
+
+    report = _report()
+    _run_or_skip(run_ingest, report, n=3000, dim=32)
+    names = {r["name"] for r in report.ratios}
+    assert any("ingest" in n for n in names) and any("reload" in n for n in names)
+    _written(report, tmp_path)
