@@ -22,6 +22,7 @@ from service.storage import (
     Storage,
     canonical_type,
     check_name,
+    first_row,
     map_duckdb_error,
 )
 
@@ -465,9 +466,9 @@ class Catalog:
             rec = self._get(name).record
             cur = self._storage.reader()
             cols = ", ".join([quote(rec.vector_column), *(quote(c) for c in rec.columns)])
-            row = cur.execute(
+            row = first_row(cur.execute(
                 f"SELECT {cols} FROM {quote(name)} WHERE id = $id", {"id": key}
-            ).fetchone()
+            ))
             if row is None:
                 raise NotFound(f"no id {key} in collection {name!r}")
             meta = self._storage.fetch_rows(cur, name, np.array([key]), rec.columns)[key]
@@ -481,9 +482,9 @@ class Catalog:
             rec = self._get(name).record
             if not rec.thumbnails:
                 return None
-            row = self._storage.reader().execute(
+            row = first_row(self._storage.reader().execute(
                 f"SELECT {THUMBNAIL_COLUMN} FROM {quote(name)} WHERE id = $id", {"id": key}
-            ).fetchone()
+            ))
         if row is None:
             raise NotFound(f"no id {key} in collection {name!r}")
         return None if row[0] is None else bytes(row[0])

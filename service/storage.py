@@ -227,9 +227,9 @@ class Storage:
             )
             cur.execute("COMMIT")
             return
-        row = cur.execute(
+        row = first_row(cur.execute(
             f"SELECT value FROM {META_TABLE} WHERE key = 'schema_version'"
-        ).fetchone()
+        ))
         found = row[0] if row else None
         if found != str(SCHEMA_VERSION):
             raise SchemaVersionError(
@@ -371,7 +371,7 @@ class Storage:
         return np.asarray(got, dtype=np.int64)
 
     def max_id(self, name: str) -> int:
-        row = self.writer.execute(f"SELECT max(id) FROM {quote(name)}").fetchone()
+        row = first_row(self.writer.execute(f"SELECT max(id) FROM {quote(name)}"))
         return -1 if row is None or row[0] is None else int(row[0])
 
     def iter_vectors(
@@ -379,7 +379,7 @@ class Storage:
     ) -> Iterator[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
         """Every stored (ids, vectors) in chunks of rowid ranges."""
         cur = self.writer
-        row = cur.execute(f"SELECT max(rowid) FROM {quote(rec.name)}").fetchone()
+        row = first_row(cur.execute(f"SELECT max(rowid) FROM {quote(rec.name)}"))
         if row is None or row[0] is None:
             return
         last = int(row[0])
@@ -422,6 +422,12 @@ class Storage:
             }
             for r in rows
         }
+
+
+def first_row(cur: duckdb.DuckDBPyConnection) -> tuple[Any, ...] | None:
+    """The first row of a small result, consuming it all (DuckDB 2 wants results finished)."""
+    rows = cur.fetchall()
+    return rows[0] if rows else None
 
 
 def _blob_column(vectors: npt.NDArray[np.float32]) -> npt.NDArray[Any]:

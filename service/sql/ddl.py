@@ -12,7 +12,7 @@ from sqlglot import exp
 from service.errors import InvalidInput, QueryError
 from service.sql.dialect import error_at, parse_script, to_duckdb
 from service.sql.vectors import Context, as_float32, bind_parameters, eval_vector
-from service.storage import map_duckdb_error, quote
+from service.storage import first_row, map_duckdb_error, quote
 
 
 def _result(columns: list[str], types: list[str], rows: list[list[Any]]) -> Any:
@@ -27,7 +27,8 @@ def _affected(n: int) -> Any:
 
 def reparse_replace(stmt: exp.Command) -> exp.Expr:
     """`REPLACE INTO ...` (SingleStore upsert) parsed as an INSERT marked replace."""
-    text = "INSERT " + str(stmt.expression or "")
+    rest = stmt.expression
+    text = "INSERT " + (rest.name if isinstance(rest, exp.Expr) else str(rest or ""))
     parsed = parse_script(text)
     if len(parsed) != 1 or not isinstance(parsed[0], exp.Insert):
         raise error_at("REPLACE must be REPLACE INTO table [(columns)] VALUES (...)", stmt)
@@ -177,10 +178,10 @@ def _constant(node: exp.Expr, ctx: Context) -> Any:
         inner = _constant(node.this, ctx)
         if isinstance(inner, int | float) and not isinstance(inner, bool):
             return -inner
-    row = ctx.cur.execute(
+    row = first_row(ctx.cur.execute(
         "SELECT " + to_duckdb(node),
         {str(p.this): ctx.bound[str(p.this)] for p in node.find_all(exp.Placeholder)},
-    ).fetchone()
+    ))
     return None if row is None else row[0]
 
 
@@ -291,7 +292,7 @@ def update(catalog: Any, stmt: exp.Update, ctx: Context) -> Any:
                 f"UPDATE {quote(rec.name)} SET {sets} WHERE id IN (SELECT id FROM {view})",
                 values,
             )
-            changed = cur.fetchone()
+            changed = first_row(cur)
             storage.commit()
         except Exception as exc:
             storage.rollback()

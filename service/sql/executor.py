@@ -141,6 +141,7 @@ def run_query(ctx: Context, stmt: exp.Expr) -> Any:
     types = [str(d[1]) for d in cur.description or []]
     rows = cur.fetchmany(MAX_RESULT_ROWS + 1)
     if len(rows) > MAX_RESULT_ROWS:
+        cur.abort()
         raise error_at(f"result has more than {MAX_RESULT_ROWS} rows; add a LIMIT", stmt)
     converted = [[_cell(v, t) for v, t in zip(row, types, strict=True)] for row in rows]
     return QueryResult(names, types, converted)

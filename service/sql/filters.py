@@ -32,7 +32,7 @@ def filter_ids(catalog: Any, rec: CollectionRecord, text: str) -> npt.NDArray[np
                     f"{', '.join(sorted(rec.columns)) or 'none'}",
                     node,
                 )
-        if isinstance(node, exp.Func) and (
+        if isinstance(node, exp.Func | exp.Distance) and (
             vector_kind(node) or anonymous_name(node) in ("JSON_ARRAY_PACK", "JSON_ARRAY_UNPACK")
         ):
             raise error_at("a filter works on metadata only; use SQL for vector math", node)

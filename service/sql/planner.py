@@ -103,7 +103,7 @@ def _limit_value(select: exp.Select, ctx: Context, arg: str) -> int | None:
 def plan_select(select: exp.Select, ctx: Context) -> list[ScopePlan]:
     """Rewrite one SELECT scope in place; returns what the index does for it."""
     tables = _collection_tables(select, ctx)
-    calls = [n for n in select.find_all(exp.Func)
+    calls = [n for n in select.find_all(exp.Func, exp.Distance)
              if vector_kind(n) and n.parent_select is select]
     served: list[tuple[exp.Expr, str, Any, bytes]] = []
     for call in calls:
@@ -125,24 +125,36 @@ def plan_select(select: exp.Select, ctx: Context) -> list[ScopePlan]:
                   and (s[1], s[2][1].record.metric) in SERVABLE
                   and not (s[1] == "dot" and s[2][1].record.metric == "cosine"
                            and not np.any(as_float32(s[3])))]
-    if order is not None and order.expressions:
-        first = order.expressions[0]
-        target = _order_target(select, first.this)
-        for s in candidates:
-            if target == s[0] and bool(first.args.get("desc")) == HIGHER_IS_CLOSER[s[1]]:
-                driving, reason = s, "top-k"
-                break
     thresholds: list[tuple[Any, str, float]] = []
+    closer_conjuncts: dict[int, Any] = {}
+    vector_conjuncts: list[exp.Expr] = []
     for conj in _conjuncts(select.args.get("where")):
+        if any(vector_kind(n) for n in conj.find_all(exp.Func, exp.Distance)):
+            vector_conjuncts.append(conj)
         op = COMPARISONS.get(type(conj))
         if op is None:
             continue
         left, right = conj.this, conj.expression
         for s in candidates:
+            found = None
             if left == s[0] and (t := numeric_constant(right, ctx)) is not None:
-                thresholds.append((s, op, t))
+                found = (s, op, t)
             elif right == s[0] and (t := numeric_constant(left, ctx)) is not None:
-                thresholds.append((s, FLIPPED[op], t))
+                found = (s, FLIPPED[op], t)
+            if found and (found[1] in (">", ">=")) == HIGHER_IS_CLOSER[s[1]]:
+                thresholds.append(found)
+                closer_conjuncts[id(conj)] = s
+    if order is not None and order.expressions and _topk_safe(select):
+        first = order.expressions[0]
+        target = _order_target(select, first.this)
+        for s in candidates:
+            if (
+                target == s[0]
+                and bool(first.args.get("desc")) == HIGHER_IS_CLOSER[s[1]]
+                and all(closer_conjuncts.get(id(c)) is s for c in vector_conjuncts)
+            ):
+                driving, reason = s, "top-k"
+                break
     if driving is None and thresholds:
         driving, reason = thresholds[0][0], "range"
     if driving is None and candidates:
@@ -158,6 +170,17 @@ def plan_select(select: exp.Select, ctx: Context) -> list[ScopePlan]:
     return plans
 
 
+def _topk_safe(select: exp.Select) -> bool:
+    """LIMIT keeps the k closest rows only when nothing adds, merges or drops rows first."""
+    if any(select.args.get(a) for a in ("joins", "laterals", "group", "having", "distinct",
+                                        "qualify", "windows")):
+        return False
+    return not any(
+        n.parent_select is select for n in select.find_all(exp.AggFunc, exp.Window, exp.Unnest,
+                                                           exp.Explode)
+    )
+
+
 def _allow_ids(select: exp.Select, ctx: Context, table: exp.Table, driving_call: exp.Expr,
                coll: Any) -> np.ndarray | None:
     """Ids passing the scope's metadata conjuncts (single-table scopes only), or None."""
@@ -165,13 +188,13 @@ def _allow_ids(select: exp.Select, ctx: Context, table: exp.Table, driving_call:
         return None
     metadata = []
     for conj in _conjuncts(select.args.get("where")):
-        if any(vector_kind(n) for n in conj.find_all(exp.Func)):
+        if any(vector_kind(n) for n in conj.find_all(exp.Func, exp.Distance)):
             continue
         metadata.append(conj.copy())
     if not metadata:
         return None
     cond = metadata[0] if len(metadata) == 1 else exp.and_(*metadata)
-    for node in list(cond.find_all(exp.Func)):
+    for node in list(cond.find_all(exp.Func, exp.Distance)):
         if anonymous_name(node) in ("JSON_ARRAY_PACK", "JSON_ARRAY_UNPACK",
                                     "VECTOR_NUM_ELEMENTS"):
             rewrite_slow(node, ctx)
@@ -199,7 +222,7 @@ def _run_driving(select: exp.Select, ctx: Context, driving: Any, mode: str,
             k = plan.k = limit + offset
     threshold = None
     for s, op, t in thresholds:
-        if s is driving and ((op in (">", ">=")) == HIGHER_IS_CLOSER[kind]):
+        if s is driving:
             threshold = _index_threshold(kind, rec.metric, t, qnorm)
             plan.threshold = f"{op} {t:g}"
             break
@@ -308,7 +331,7 @@ def _slow_arg(node: exp.Expr, ctx: Context) -> exp.Expr:
 
 def rewrite_all_slow(stmt: exp.Expr, ctx: Context) -> None:
     """Every remaining vector function (outside planned scopes) onto the UDFs."""
-    for node in list(stmt.find_all(exp.Func)):
+    for node in list(stmt.find_all(exp.Func, exp.Distance)):
         if node.root() is not stmt.root():
             continue
         if vector_kind(node) or anonymous_name(node) in (
