@@ -54,12 +54,13 @@ def measure(
     sync: Callable[[], None] | None = None,
     min_repeat_s: float = 0.02,
     budget_s: float = 8.0,
+    min_repeats: int = 3,
 ) -> Timing:
     """Time ``fn`` over ``inputs`` rotated call by call, synchronising before reading a clock.
 
     Warm-up calls run first; one call is timed to choose how many calls make a repeat (at
     least ``min_repeat_s``); the number of repeats shrinks to fit ``budget_s`` but never
-    below three. The median of the repeats is the answer.
+    below ``min_repeats``. The median of the repeats is the answer.
     """
     if not inputs:
         raise ValueError("measure() needs at least one input")
@@ -80,7 +81,7 @@ def measure(
     first = max(time.perf_counter() - start, 1e-9)
     number = max(1, math.ceil(min_repeat_s / first))
     affordable = int(budget_s / (first * number))
-    repeats = max(3, min(repeats, affordable))
+    repeats = max(min_repeats, min(repeats, affordable))
     samples: list[float] = []
     for _ in range(repeats):
         sync()

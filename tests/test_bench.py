@@ -157,3 +157,14 @@ def test_ingest_suite_tiny(tmp_path: Path) -> None:
     names = {r["name"] for r in report.ratios}
     assert any("ingest" in n for n in names) and any("reload" in n for n in names)
     _written(report, tmp_path)
+
+
+@pytest.mark.skipif(not _has("service.featurizer"), reason="the featurizer has not landed")
+def test_featurize_suite_tiny(tmp_path: Path) -> None:
+    from bench.featurize import run_featurize
+
+    report = _report()
+    _run_or_skip(run_featurize, report, batch_sizes=(1,), min_repeats=1)
+    rows = report.rows["featurize"]
+    assert rows and all(r["images_per_s"] > 0 for r in rows)
+    _written(report, tmp_path)
