@@ -285,10 +285,8 @@ class CpuIndex:
                 rows = run.vectors[t0:t1]
                 if rows.dtype != np.float32:
                     rows = rows.astype(np.float32)
-                if len(chunk) == 1:  # GEMV: a single query streams the rows once
-                    keys = (rows @ chunk[0])[None, :]
-                else:
-                    keys = chunk @ rows.T
+                # One query is a GEMV, which streams the rows once at memory bandwidth.
+                keys = (rows @ chunk[0])[None, :] if len(chunk) == 1 else chunk @ rows.T
                 if run.sq_norms is not None:  # l2: 2 q.x - |x|^2 ranks like -|q - x|^2
                     keys *= 2
                     keys -= run.sq_norms[t0:t1]
@@ -320,7 +318,9 @@ class CpuIndex:
         needed = -(-self._count // self._block_rows)
         del self._blocks[needed:], self._block_ids[needed:], self._block_sq_norms[needed:]
 
-    def _split(self, positions: npt.NDArray[np.int64]) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    def _split(
+        self, positions: npt.NDArray[np.int64]
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """(block, row offsets within it, indices into ``positions``) per touched block."""
         blocks = positions // self._block_rows
         for b in np.unique(blocks).tolist():

@@ -60,7 +60,7 @@ def _narrow_by_group_max(keys: Keys, ids: Ids, k: int) -> tuple[Keys, Ids] | Non
 
 def _top_k_partition(keys: Keys, ids: Ids, k: int) -> tuple[Keys, Ids]:
     """top_k_exact by argpartition over every column, then ties settled by id."""
-    rows, cols = keys.shape
+    cols = keys.shape[1]
     ids_2d = np.broadcast_to(ids, keys.shape)
     if k >= cols:
         return keys.copy(), ids_2d.copy()

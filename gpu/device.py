@@ -50,32 +50,36 @@ class CudaOps:
             torch.cuda.OutOfMemoryError,
         )
 
-    def scores(self, queries: Any, rows: Any) -> Any:
-        """queries (q, d) @ rows (n, d).T -> float32 (q, n), accumulated in float32.
+    def scores(self, queries: Any, rows: Any, out: Any) -> None:
+        """out[:] = queries (q, d) @ rows (n, d).T in float32; out may be a column slice.
 
         float16 operands run on tensor cores with float32 accumulation and output
-        (cupy.matmul on float16 would round the output to float16).
+        (cupy.matmul on float16 would round the output to float16). Writing into a slice
+        of a wider buffer lets one top-k cover many blocks.
         """
         cupy, cublas = self.xp, self._cublas
         q, d = queries.shape
         n = rows.shape[0]
-        out = cupy.empty((q, n), dtype=cupy.float32)
         if q == 0 or n == 0:
-            return out
+            return
+        if not (queries.flags.c_contiguous and rows.flags.c_contiguous):
+            raise ValueError("scores needs C-contiguous queries and rows")
+        if out.dtype != np.float32 or out.strides[1] != 4 or out.shape != (q, n):
+            raise ValueError("scores writes float32 (q, n) rows with unit column stride")
         kind = {np.dtype(np.float16): cupy.cuda.runtime.CUDA_R_16F,
                 np.dtype(np.float32): cupy.cuda.runtime.CUDA_R_32F}[rows.dtype]
         handle = cupy.cuda.device.get_cublas_handle()
-        # Row-major out (q, n) is column-major out^T (n, q) = rows (as col-major d x n)^T
-        # times queries (as col-major d x q).
+        # Row-major out (q, n) with row stride ldc is column-major out^T (n, q): that is
+        # rows (column-major d x n)^T times queries (column-major d x q).
+        ldc = out.strides[0] // 4
         cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
         cublas.gemmEx(
             handle, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, n, q, d,
             self._one.ctypes.data, rows.data.ptr, kind, d,
             queries.data.ptr, kind, d,
-            self._zero.ctypes.data, out.data.ptr, cupy.cuda.runtime.CUDA_R_32F, n,
+            self._zero.ctypes.data, out.data.ptr, cupy.cuda.runtime.CUDA_R_32F, ldc,
             cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT,
         )
-        return out
 
     def top_k(self, keys: Any, k: int) -> tuple[Any, Any]:
         """Largest k per row of keys (q, n), sorted descending: (values, column indices)."""

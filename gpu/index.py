@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,8 @@ from gpu.device import CudaOps
 BLOCK_BYTES = 256 << 20
 SCRATCH_BYTES = 1 << 30
 GATHER_FRACTION = 0.5
+# Scratch per score: the float32 score, the comparison mask, top-k's own buffers.
+SCRATCH_BYTES_PER_SCORE = 6
 
 
 @dataclass
@@ -249,24 +252,33 @@ class GpuIndex:
     def _missing_score(self) -> float:
         return np.inf if self.metric == "l2" else -np.inf
 
-    def _device_memory(self, doing: str) -> _OutOfMemory:
-        return _OutOfMemory(self._ops.out_of_memory, doing, self._scratch_bytes)
+    @contextmanager
+    def _device_memory(self, doing: str) -> Iterator[None]:
+        """Turn the device's out-of-memory errors into a MemoryError that says what to do."""
+        try:
+            yield
+        except self._ops.out_of_memory as exc:
+            raise MemoryError(
+                f"GPU out of memory while {doing} (scratch budget "
+                f"{self._scratch_bytes >> 20} MiB): free device memory, lower scratch_bytes, "
+                "or store float16") from exc
 
     def _prepare_queries(self, queries: npt.ArrayLike) -> npt.NDArray[np.float32]:
         matrix = as_matrix(queries, self.dim, "queries")
         return normalise_rows(matrix, "queries") if self.metric == "cosine" else matrix
 
     def _query_chunks(self, nq: int) -> Iterator[tuple[int, int]]:
-        # A chunk's score tile must fit the scratch budget with at least 1024 rows.
-        step = max(1, min(nq, self._scratch_bytes // (8 * 1024)))
+        # A chunk's scores over one whole block must fit the scratch budget.
+        per_query = SCRATCH_BYTES_PER_SCORE * min(self._block_rows, max(self._count, 1))
+        step = max(1, min(nq, self._scratch_bytes // per_query))
         for q0 in range(0, nq, step):
             yield q0, min(nq, q0 + step)
 
     def _runs(self, allow: npt.ArrayLike | None) -> Iterator[_Run]:
         allowed = None
         if allow is not None:
-            found = [self._position.get(i, -1) for i in np.unique(as_ids(allow, allow_empty=True)).tolist()]
-            allowed = np.sort(np.array(found, np.int64))
+            unique = np.unique(as_ids(allow, allow_empty=True)).tolist()
+            allowed = np.sort(np.array([self._position.get(i, -1) for i in unique], np.int64))
             allowed = allowed[allowed >= 0]
         for b in range(len(self._blocks)):
             start = b * self._block_rows
@@ -286,23 +298,36 @@ class GpuIndex:
                 yield _Run(b, len(local), self._ops.to_device(local), None)
 
     def _key_tiles(self, chunk: Any, runs: list[_Run], nq: int) -> Iterator[tuple[Any, Any]]:
-        """(keys, ids) per tile on the device: keys (q, rows), higher is closer."""
-        # float32 tile + comparison mask + top-k outputs: about 6 bytes per score.
-        tile_rows = max(1024, self._scratch_bytes // (6 * nq))
+        """(keys, ids) on the device: keys (q, cols) over as many whole runs as the
+        scratch budget holds, higher is closer; ids (cols,). One top-k covers them all."""
+        budget_cols = max(1, self._scratch_bytes // (SCRATCH_BYTES_PER_SCORE * nq))
+        group: list[_Run] = []
         for run in runs:
-            block, ids = self._blocks[run.block], self._block_ids[run.block]
-            sq_norms = self._block_sq_norms[run.block] if self.metric == "l2" else None
-            for t0 in range(0, run.rows, tile_rows):
-                t1 = min(run.rows, t0 + tile_rows)
-                rows = slice(t0, t1) if run.local is None else run.local[t0:t1]
-                keys = self._ops.scores(chunk, block[rows])
-                if sq_norms is not None:  # l2: 2 q.x - |x|^2 ranks like -|q - x|^2
-                    keys *= 2
-                    keys -= sq_norms[rows][None, :]
-                if run.dropped is not None:
-                    in_tile = run.dropped[(run.dropped >= t0) & (run.dropped < t1)]
-                    keys[:, in_tile - t0] = -np.inf
-                yield keys, ids[rows]
+            if group and sum(r.rows for r in group) + run.rows > budget_cols:
+                yield self._score_runs(chunk, group)
+                group = []
+            group.append(run)
+        if group:
+            yield self._score_runs(chunk, group)
+
+    def _score_runs(self, chunk: Any, group: list[_Run]) -> tuple[Any, Any]:
+        xp = self._xp
+        width = sum(run.rows for run in group)
+        keys = xp.empty((len(chunk), width), dtype=np.float32)
+        ids = xp.empty(width, dtype=np.int64)
+        c0 = 0
+        for run in group:
+            rows = slice(0, run.rows) if run.local is None else run.local
+            view = keys[:, c0:c0 + run.rows]
+            self._ops.scores(chunk, self._blocks[run.block][rows], out=view)
+            if self.metric == "l2":  # 2 q.x - |x|^2 ranks like -|q - x|^2
+                view *= 2
+                view -= self._block_sq_norms[run.block][rows][None, :]
+            if run.dropped is not None:
+                view[:, run.dropped] = -np.inf
+            ids[c0:c0 + run.rows] = self._block_ids[run.block][rows]
+            c0 += run.rows
+        return keys, ids
 
     def _device_top_k(self, keys: Any, ids: Any, k: int) -> tuple[Any, Any]:
         """Exact top-k under (key desc, id asc) on the device; ties settled on the host."""
@@ -370,21 +395,3 @@ class GpuIndex:
         for b, offsets, where in self._split(positions):
             out[where] = self._ops.to_host(self._blocks[b][self._ops.to_device(offsets)])
         return out
-
-
-class _OutOfMemory:
-    """Turns the device's out-of-memory errors into a MemoryError that says what to do."""
-
-    def __init__(self, errors: tuple[type[BaseException], ...], doing: str, budget: int):
-        self._errors, self._doing, self._budget = errors, doing, budget
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
-        if kind is not None and self._errors and issubclass(kind, self._errors):
-            raise MemoryError(
-                f"GPU out of memory while {self._doing} (scratch budget "
-                f"{self._budget >> 20} MiB): free device memory, lower scratch_bytes, "
-                "or store float16") from exc
-        return False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from cpu_fallback import CpuIndex
@@ -25,7 +25,7 @@ class BackendChoice:
     reason: str
 
 
-@lru_cache(maxsize=None)
+@cache
 def select_backend(requested: str = "auto") -> BackendChoice:
     """auto: the GPU when CuPy imports and sees a device, else the CPU (logged either way).
 

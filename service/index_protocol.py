@@ -28,8 +28,8 @@ class VectorIndex(Protocol):
     """
 
     dim: int
-    metric: Metric
-    dtype: StorageDtype
+    metric: str  # a Metric
+    dtype: str  # a StorageDtype
 
     def add(self, ids: npt.ArrayLike, vectors: npt.ArrayLike) -> None:
         """Upsert: ids int64 (n,), vectors float (n, dim); the last duplicate id wins."""

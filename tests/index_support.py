@@ -30,8 +30,8 @@ class EmulatedCudaOps:
     def __init__(self, seed: int = 0) -> None:
         self._rng = np.random.default_rng(seed)
 
-    def scores(self, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        return queries.astype(np.float32) @ rows.astype(np.float32).T
+    def scores(self, queries: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+        out[...] = queries.astype(np.float32) @ rows.astype(np.float32).T
 
     def top_k(self, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         shuffle = self._rng.permutation(keys.shape[1])

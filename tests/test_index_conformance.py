@@ -94,7 +94,7 @@ def test_ties_break_by_id_ascending(make, metric, dtype):
     index.add(ids, np.vstack([tied, others]).astype(np.float32))
     tied_ids = np.sort(ids[:400])
     for k in (1, 7, 64, 399, 400, 450):
-        scores, got = index.search([[1.0, 2.0, 0.0, 0.0]], k)
+        _, got = index.search([[1.0, 2.0, 0.0, 0.0]], k)
         head = min(k, 400)
         assert got[0, :head].tolist() == tied_ids[:head].tolist()
         if k > 400:
@@ -167,7 +167,7 @@ def test_threshold_and_range_search(make, metric):
     if not near.any():
         assert_matches_reference(scores, got, ref_s, ref_i, all_scores, ids, 1e-4)
 
-    lims, r_scores, r_ids, totals = index.range_search(queries, threshold)
+    lims, _, r_ids, totals = index.range_search(queries, threshold)
     capped = index.range_search(queries, threshold, max_results=7)
     for q in range(len(queries)):
         passing = all_scores[q] <= threshold if metric == "l2" else all_scores[q] >= threshold
@@ -266,3 +266,25 @@ def test_memory_info_counts_rows(make):
     info = index.memory_info()
     assert info["vectors"] == 300 and info["vector_bytes"] == 300 * 16 * 2
     assert info["capacity_rows"] == 512
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_small_scratch_budget_gives_the_same_answers(make, metric):
+    """A budget far below the index size forces many tiles/segments and merges."""
+    rng = np.random.default_rng()
+    vectors = rng.standard_normal((4000, 24)).astype(np.float32)
+    ids = rng.choice(10**7, 4000, replace=False).astype(np.int64)
+    queries = rng.standard_normal((9, 24)).astype(np.float32)
+    small = make(24, metric, block_rows=300, scratch_bytes=9 * 6 * 350)
+    large = make(24, metric, block_rows=300)
+    for index in (small, large):
+        index.add(ids, vectors)
+    for k in (1, 25, 700):
+        s_small, i_small = small.search(queries, k, allow=ids[::3])
+        s_large, i_large = large.search(queries, k, allow=ids[::3])
+        np.testing.assert_array_equal(i_small, i_large)
+        np.testing.assert_allclose(s_small, s_large, rtol=1e-5, atol=1e-5)
+    capped = small.range_search(queries, 0.0 if metric != "l2" else 6.0, max_results=50)
+    full = large.range_search(queries, 0.0 if metric != "l2" else 6.0, max_results=50)
+    for a, b in zip(capped, full, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
