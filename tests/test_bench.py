@@ -129,7 +129,7 @@ def test_cli_runs_named_suites_and_merges_results(tmp_path: Path) -> None:
         main(["no-such-suite"])
 
 
-def _run_or_skip(function: object, report: Report, **sizes: int) -> None:
+def _run_or_skip(function: object, report: Report, **sizes: object) -> None:
     try:
         function(report, quick=True, **sizes)  # type: ignore[operator]
     except SuiteSkipped as exc:
@@ -167,4 +167,18 @@ def test_featurize_suite_tiny(tmp_path: Path) -> None:
     _run_or_skip(run_featurize, report, batch_sizes=(1,), min_repeats=1)
     rows = report.rows["featurize"]
     assert rows and all(r["images_per_s"] > 0 for r in rows)
+    _written(report, tmp_path)
+
+
+@pytest.mark.skipif(not _has("service.app"), reason="the service app has not landed")
+def test_http_suite_tiny(tmp_path: Path) -> None:
+    from bench.http import run_http
+
+    report = _report()
+    _run_or_skip(run_http, report, n=1000, dim=16, concurrency=(1, 4), seconds=0.5,
+                 samples=10)
+    rows = report.rows["http"]
+    assert any(r["what"].startswith("search, batching on") for r in rows)
+    assert any(r["what"].startswith("search, batching off") for r in rows)
+    assert all(r.get("errors", 0) == 0 for r in rows), rows
     _written(report, tmp_path)

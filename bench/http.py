@@ -1,0 +1,243 @@
+"""HTTP suite: a dotsearch server under concurrent load, batching on and off, vs the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.harness import (
+    Report,
+    SuiteSkipped,
+    fits_in_memory,
+    latencies,
+    percentile,
+    random_vectors,
+)
+from bench.ingest import backend_name
+
+SUITE = "http"
+COLLECTION = "bench"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def server(data_dir: Path, batching: bool, featurizer: bool) -> Iterator[str]:
+    """``uvicorn service.app:create_app`` in a subprocess; yields its base URL."""
+    import httpx
+
+    port = _free_port()
+    env = {**os.environ, "DOTSEARCH_DATA_DIR": str(data_dir), "DOTSEARCH_BACKEND": backend_name(),
+           "DOTSEARCH_WEIGHTS": "random", "DOTSEARCH_LOAD_FEATURIZER": str(featurizer).lower(),
+           "DOTSEARCH_LOG_LEVEL": "warning"}
+    if not batching:
+        env["DOTSEARCH_BATCH_MAX"] = "1"
+    log_path = data_dir / f"server-{port}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory",
+             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+            env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited: {log_path.read_text()[-2000:]}")
+            try:
+                health = httpx.get(f"{url}/health", timeout=2).json()
+                state = str(health.get("featurizer", {}).get("state", ""))
+                wants = (not featurizer) or state in ("ready", "failed", "error")
+                if wants or time.monotonic() > deadline:
+                    break
+            except (httpx.HTTPError, ValueError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("server did not become healthy in 120 s") from None
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _load(url: str, vectors: np.ndarray, dim: int) -> None:
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=300) as client:
+        client.post("/v1/collections", json={"name": COLLECTION, "dim": dim, "metric": "dot",
+                                             "dtype": "float32"}).raise_for_status()
+        step = 20_000
+        for lo in range(0, len(vectors), step):
+            body = io.BytesIO()
+            np.save(body, vectors[lo : lo + step])
+            client.post(f"/v1/collections/{COLLECTION}/vectors", params={"id_start": lo},
+                        content=body.getvalue(),
+                        headers={"content-type": "application/x-npy"}).raise_for_status()
+
+
+async def _load_test(url: str, bodies: list[tuple[str, dict[str, Any]]], clients: int,
+                     seconds: float) -> dict[str, float]:
+    """``clients`` concurrent loops posting ``bodies`` in turn for ``seconds``."""
+    import httpx
+
+    samples: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
+        async def worker(offset: int) -> None:
+            nonlocal errors
+            i = offset
+            while time.perf_counter() < stop:
+                path, body = bodies[i % len(bodies)]
+                i += 1
+                started = time.perf_counter()
+                response = await client.post(path, json=body)
+                if response.status_code == 200:
+                    samples.append(time.perf_counter() - started)
+                else:
+                    errors += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(c) for c in range(clients)))
+        elapsed = time.perf_counter() - started
+    if not samples:
+        return {"throughput": 0.0, "errors": errors}
+    return {"throughput": len(samples) / elapsed, "p50_ms": percentile(samples, 50) * 1e3,
+            "p95_ms": percentile(samples, 95) * 1e3, "p99_ms": percentile(samples, 99) * 1e3,
+            "requests": len(samples), "errors": errors}
+
+
+def _direct(index: Any, vectors: np.ndarray, queries: np.ndarray,
+            count: int) -> tuple[list[float], list[int]]:
+    """Latencies of single-query searches on the engine itself, and the first answer's ids."""
+    index.add(np.arange(len(vectors), dtype=np.int64), vectors)
+    times = latencies(lambda q: index.search(q[None], 10), list(queries), count)
+    return times, [int(i) for i in index.search(queries[:1], 10)[1][0]]
+
+
+def run_http(report: Report, quick: bool = False, n: int | None = None,
+             dim: int | None = None, concurrency: tuple[int, ...] | None = None,
+             seconds: float | None = None, samples: int | None = None) -> dict[str, float]:
+    """Latency vs the direct engine call, throughput vs concurrency, batching on vs off."""
+    try:
+        import httpx
+
+        import service.app  # noqa: F401
+        from service.backend import make_index
+    except ImportError as exc:
+        raise SuiteSkipped(f"the service app is not importable ({exc})") from exc
+    n = n or (20_000 if quick else 100_000)
+    dim = dim or (512 if quick else 2048)
+    concurrency = concurrency or ((1, 8, 64) if quick else (1, 8, 64, 256))
+    seconds = seconds or (2.0 if quick else 8.0)
+    samples = samples or (50 if quick else 200)
+    if not fits_in_memory(n * dim * 4 * 4):
+        report.note(SUITE, f"skipped N={n} d={dim}: does not fit in memory with headroom")
+        return {}
+    vectors = random_vectors(n, dim, offset=300)
+    queries = random_vectors(32, dim, offset=301)
+    direct, expected = _direct(make_index(dim, "dot", "float32", backend=backend_name()),
+                               vectors, queries, samples)
+    report.add_row(SUITE, what="direct engine call, k=10", clients=1,
+                   p50_ms=percentile(direct, 50) * 1e3, p99_ms=percentile(direct, 99) * 1e3)
+    search = f"/v1/collections/{COLLECTION}/search"
+    bodies = [(search, {"vector": q.tolist(), "k": 10}) for q in queries]
+    sql_bodies = [("/v1/query", {"sql": f"SELECT id FROM {COLLECTION} ORDER BY "
+                                        "DOT_PRODUCT(feature, :q) DESC LIMIT 10",
+                                 "params": {"q": q.tolist()}}) for q in queries]
+    out: dict[str, float] = {}
+    series: dict[str, list[tuple[float, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="dotsearch-bench-http-") as tmp:
+        for batching in (True, False):
+            label = "batching on" if batching else "batching off"
+            with server(Path(tmp), batching, featurizer=False) as url:
+                if batching:
+                    _load(url, vectors, dim)
+                    got = httpx.post(url + search, json=bodies[0][1], timeout=60).json()
+                    ids = [hit["id"] for hit in got["results"]]
+                    if ids != expected:
+                        report.note(SUITE, f"HTTP answers refused: {ids} != {expected}")
+                        return out
+                    one = latencies(lambda b: httpx.post(url + b[0], json=b[1], timeout=60),
+                                    bodies, samples)
+                    out["http_p50_ms"] = percentile(one, 50) * 1e3
+                    report.add_row(SUITE, what="HTTP search (new connection each), k=10",
+                                   clients=1, p50_ms=out["http_p50_ms"],
+                                   p99_ms=percentile(one, 99) * 1e3)
+                for clients in concurrency if batching else (1, max(concurrency)):
+                    stats = asyncio.run(_load_test(url, bodies, clients, seconds))
+                    report.add_row(SUITE, what=f"search, {label}", clients=clients, **stats)
+                    series.setdefault(f"search p50 ms, {label}", []).append(
+                        (clients, stats.get("p50_ms", 0.0)))
+                    series.setdefault(f"search throughput/s, {label}", []).append(
+                        (clients, stats["throughput"]))
+                    out[f"{label} {clients}"] = stats["throughput"]
+                    if batching and clients == 1:
+                        out["keepalive_p50_ms"] = stats.get("p50_ms", float("nan"))
+                if batching:
+                    for clients in (1, max(concurrency)):
+                        stats = asyncio.run(_load_test(url, sql_bodies, clients, seconds))
+                        report.add_row(SUITE, what="SQL top-10 via /v1/query",
+                                       clients=clients, **stats)
+        if not quick:
+            _image_search(report, Path(tmp))
+    direct_p50 = percentile(direct, 50) * 1e3
+    top = max(concurrency)
+    report.add_ratio(SUITE, f"HTTP p50 - direct p50, ms (keep-alive, N={n}, d={dim})",
+                     out.get("keepalive_p50_ms", float("nan")) - direct_p50, 3.0, better="lower")
+    report.add_ratio(SUITE, f"throughput {top} clients / 1 client (batching on)",
+                     _div(out.get(f"batching on {top}"), out.get("batching on 1")), 5.0)
+    report.add_ratio(SUITE, f"throughput at {top} clients, batching on / off",
+                     _div(out.get(f"batching on {top}"), out.get(f"batching off {top}")))
+    report.add_plot("http", f"HTTP search, N={n}, d={dim}", "concurrent clients",
+                    "p50 latency (ms) / throughput (requests/s)", series)
+    return out
+
+
+def _image_search(report: Report, data_dir: Path, count: int = 8) -> None:
+    """Search by an uploaded photograph (featurizer with random weights), one client."""
+    import httpx
+
+    from bench.featurize import sample_images
+
+    payloads = []
+    for image in sample_images(count):
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        payloads.append(buffer.getvalue())
+    with server(data_dir, batching=True, featurizer=True) as url:
+        def post(data: bytes) -> None:
+            httpx.post(f"{url}/v1/collections/{COLLECTION}/search/image",
+                       files={"file": ("photo.jpg", data, "image/jpeg")}, data={"k": "10"},
+                       timeout=300).raise_for_status()
+
+        times = latencies(post, payloads, count, warmup=1)
+    report.add_row(SUITE, what="image search (JPEG upload, Inception-v3 random weights)",
+                   clients=1, throughput=1.0 / float(np.mean(times)),
+                   p50_ms=percentile(times, 50) * 1e3, p99_ms=percentile(times, 99) * 1e3)
+
+
+def _div(top: float | None, bottom: float | None) -> float | None:
+    return top / bottom if top and bottom else None
