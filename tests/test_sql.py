@@ -1,4 +1,4 @@
-"""Every SQL form against a float64 numpy reference, through Catalog.query (the HTTP layer's API)."""
+"""Every SQL form against a float64 numpy reference, through Catalog.query (as HTTP calls it)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ def data() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def catalog(tmp_path_factory: pytest.TempPathFactory, data: dict[str, np.ndarray]) -> Iterator[Catalog]:
+def catalog(
+    tmp_path_factory: pytest.TempPathFactory, data: dict[str, np.ndarray]
+) -> Iterator[Catalog]:
     cat = Catalog(tmp_path_factory.mktemp("sql"), backend="cpu")
     meta = [
         {"label": LABELS[i % 3], "year": int(data["years"][i]), "score_hint": float(i) / 10}
@@ -75,10 +77,12 @@ def test_topk_by_expression_alias_infix_and_params(catalog: Catalog, data) -> No
     q = data["queries"][0]
     expected = ref_topk(ref_scores(data, q, "dot"), 10, True)
     queries = [
-        ("SELECT id FROM features ORDER BY DOT_PRODUCT(feature, :q) DESC LIMIT 10", {"q": q.tolist()}),
+        ("SELECT id FROM features ORDER BY DOT_PRODUCT(feature, :q) DESC LIMIT 10",
+         {"q": q.tolist()}),
         ("SELECT id, DOT_PRODUCT(feature, ?) AS score FROM features ORDER BY score DESC LIMIT 10",
          [q.tolist()]),
-        ("SELECT id, feature <*> :q AS s FROM features ORDER BY s DESC LIMIT 10", {"q": q.tolist()}),
+        ("SELECT id, feature <*> :q AS s FROM features ORDER BY s DESC LIMIT 10",
+         {"q": q.tolist()}),
         ("SELECT id FROM features ORDER BY :q <*> feature DESC LIMIT 10", {"q": q.tolist()}),
     ]
     for sql, params in queries:
@@ -280,11 +284,12 @@ def test_ddl_dml_roundtrip(tmp_path: Path) -> None:
         assert info.columns == {"label": "VARCHAR", "n": "BIGINT", "meta": "JSON"}
         cat.query(
             "INSERT INTO imgs (id, feature, label, n, meta) VALUES "
-            "(1, '[1, 0, 0]', 'a', 1, '{\"k\": 1}'), (2, JSON_ARRAY_PACK('[0, 1, 0]'), 'b', 2, NULL), "
+            "(1, '[1, 0, 0]', 'a', 1, '{\"k\": 1}'), "
+            "(2, JSON_ARRAY_PACK('[0, 1, 0]'), 'b', 2, NULL), "
             "(3, X'0000803f0000803f00000000', 'c', -3, NULL), (4, :v, :l, 4, NULL)",
             {"v": [0, 0, 1], "l": "d"},
         )
-        vec, meta = cat.get_vector("imgs", 3)
+        vec, _ = cat.get_vector("imgs", 3)
         np.testing.assert_array_equal(vec, [1, 1, 0])
         assert cat.get_vector("imgs", 1)[1] == {"label": "a", "n": 1, "meta": {"k": 1}}
         with pytest.raises(Conflict):
@@ -321,7 +326,9 @@ def test_rest_collection_is_a_table(tmp_path: Path) -> None:
 
 def test_vector_errors_have_positions(catalog: Catalog) -> None:
     with pytest.raises(QueryError, match="3 elements") as info:
-        catalog.query("SELECT id FROM features\nORDER BY DOT_PRODUCT(feature, '[1,2,3]') DESC LIMIT 1")
+        catalog.query(
+            "SELECT id FROM features\nORDER BY DOT_PRODUCT(feature, '[1,2,3]') DESC LIMIT 1"
+        )
     assert info.value.position == {"line": 2, "column": 31}
     with pytest.raises(QueryError, match="NaN"):
         catalog.query("SELECT id FROM features ORDER BY DOT_PRODUCT(feature, :q) DESC LIMIT 1",
