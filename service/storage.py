@@ -155,7 +155,13 @@ class Storage:
     thread gets its own cursor (a DuckDB connection to the same database).
     """
 
-    def __init__(self, data_dir: Path | str, *, memory_limit: str = "512MB") -> None:
+    def __init__(
+        self,
+        data_dir: Path | str,
+        *,
+        memory_limit: str = "512MB",
+        checkpoint_threshold: str = "256MB",
+    ) -> None:
         self.data_dir = Path(data_dir)
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -166,6 +172,11 @@ class Storage:
             "memory_limit": memory_limit,
             "enable_external_access": False,
             "preserve_insertion_order": False,
+            # Commits append to the WAL; checkpoints (which rewrite the data into the file)
+            # are amortised over this much WAL. Compression of random float bytes costs far
+            # more time at checkpoint than it saves space, so vectors are stored raw.
+            "checkpoint_threshold": checkpoint_threshold,
+            "force_compression": "uncompressed",
         }
         try:
             self.con = duckdb.connect(str(self.path), config=config)
