@@ -16,6 +16,7 @@ from bench.harness import (
     default_out_dir,
     device_info,
     fits_in_memory,
+    fits_on_device,
     gpu_status,
     measure,
     random_vectors,
@@ -155,17 +156,22 @@ def run_cells(report: Report, cells: Iterable[Cell], contenders: list[System],
             data_key = (cell.n, cell.dim)
         rotations = 8 if cell.q == 1 else 2
         batches = [random_vectors(cell.q, cell.dim, offset=1000 + r) for r in range(rotations)]
-        check = np.concatenate(batches)[:CHECK_QUERIES]
+        check = np.concatenate(batches)[: min(CHECK_QUERIES, max(cell.q, 8))]
         ref_scores, ref_ids = exact_reference(ids, vectors, check, cell.k, cell.metric)
         cell_rows: list[dict[str, Any]] = []
         for system in contenders:
             row: dict[str, Any] = {**asdict(cell), "system": system.name}
             reason = system.skip(cell.n, cell.dim, cell.q, cell.k, cell.metric, cell.dtype)
             work = cell.n * cell.dim * cell.q
-            if reason is None and system.rate and work / system.rate > max_call_s:
+            estimate = work / system.rate if system.rate else _floor_s(cell, system, limits)
+            if reason is None and estimate and estimate > max_call_s:
                 reason = f"estimated over {max_call_s:g} s per call"
             if reason is None and not fits_in_memory(vectors.nbytes * system.extra_copies):
                 reason = "its copy of the vectors does not fit in memory"
+            itemsize = 2 if cell.dtype == "float16" else 4
+            if reason is None and system.device == "gpu" and not fits_on_device(
+                    cell.n * cell.dim * itemsize * 1.5):
+                reason = "does not fit in device memory"
             if reason is not None:
                 row["status"] = f"skipped: {reason}"
                 cell_rows.append(row)
@@ -272,7 +278,7 @@ def run_engine(report: Report, quick: bool = False, cells: list[Cell] | None = N
     contenders = systems() if contenders is None else contenders
     report.note("engine", "systems: " + ", ".join(s.name for s in contenders))
     rows = run_cells(report, cells if cells is not None else engine_cells(quick, on_gpu),
-                     contenders, report.limits, max_call_s=0.5 if quick else 10.0,
+                     contenders, report.limits, max_call_s=0.1 if quick else 5.0,
                      budget_s=0.5 if quick else 6.0)
     plot_engine(report, rows)
     return rows
@@ -286,11 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=200_000, help="CPU vectors (default 200000)")
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--gpu-n", type=int, default=1_000_000, help="GPU vectors")
+    parser.add_argument("--gpu-scale-n", type=int, default=10_000_000,
+                        help="GPU vectors for the vectors/s figure (0: skip)")
     parser.add_argument("--out", default=None, help="results directory")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     report = Report(device_info())
-    run_headlines(report, args.n, args.dim, args.gpu_n)
+    run_headlines(report, args.n, args.dim, args.gpu_n, args.gpu_scale_n)
     if not args.no_write:
         from pathlib import Path
 

@@ -40,7 +40,7 @@ def sample_images(count: int) -> list[Any]:
 
 def run_featurize(report: Report, quick: bool = False,
                   batch_sizes: tuple[int, ...] | None = None,
-                  min_repeats: int = 3) -> dict[str, float]:
+                  min_repeats: int | None = None) -> dict[str, float]:
     """Images/s end to end (PIL image in, unit 2048-d vector out) for each batch size."""
     try:
         import torch
@@ -48,6 +48,7 @@ def run_featurize(report: Report, quick: bool = False,
         from service.featurizer import Featurizer
     except ImportError as exc:
         raise SuiteSkipped(f"service.featurizer is not importable ({exc})") from exc
+    min_repeats = min_repeats or (2 if quick else 3)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     results: dict[str, float] = {}
     series: dict[str, list[tuple[float, float]]] = {}

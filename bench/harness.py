@@ -149,6 +149,18 @@ def fits_in_memory(nbytes: float, fraction: float = 0.7) -> bool:
     return nbytes <= available_memory_bytes() * fraction
 
 
+def fits_on_device(nbytes: float, fraction: float = 0.8) -> bool:
+    """Whether ``nbytes`` more fit in the free memory of CUDA device 0 (False without one)."""
+    try:
+        import cupy
+
+        cupy.get_default_memory_pool().free_all_blocks()
+        free, _ = cupy.cuda.runtime.memGetInfo()
+        return bool(nbytes <= free * fraction)
+    except Exception:
+        return False
+
+
 def gpu_status() -> tuple[bool, str]:
     """(usable, reason or device name) for a CUDA device through the project's gpu package."""
     try:
