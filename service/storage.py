@@ -353,8 +353,12 @@ class Storage:
                     f"INSERT OR REPLACE INTO {target} ({column_list}) "
                     f"SELECT {', '.join(select)} FROM {view}"
                 )
+            except duckdb.Error:
+                self.rollback()
+                raise
             finally:
-                self.writer.unregister(view)
+                with contextlib.suppress(duckdb.Error):
+                    self.writer.unregister(view)
 
     def stage_delete(self, name: str, ids: npt.NDArray[np.int64]) -> None:
         view = self.unique_name("ids")
@@ -363,8 +367,12 @@ class Storage:
             self.writer.execute(
                 f"DELETE FROM {quote(name)} WHERE id IN (SELECT id FROM {view})"
             )
+        except duckdb.Error:
+            self.rollback()
+            raise
         finally:
-            self.writer.unregister(view)
+            with contextlib.suppress(duckdb.Error):
+                self.writer.unregister(view)
 
     # -- reads --------------------------------------------------------------------------
 
