@@ -135,7 +135,7 @@ def test_schema_version_mismatch_is_refused(tmp_path: Path) -> None:
     con = duckdb.connect(str(tmp_path / DB_FILENAME))
     con.execute(f"UPDATE {META_TABLE} SET value = '999' WHERE key = 'schema_version'")
     con.close()
-    with pytest.raises(SchemaVersionError, match="schema version '999'.*reads version 1"):
+    with pytest.raises(SchemaVersionError, match=r"schema version '999'.*reads version 1"):
         Catalog(tmp_path, backend="cpu")
 
 
