@@ -139,9 +139,11 @@ def map_duckdb_error(exc: Exception, what: str) -> DotsearchError:
         return Conflict(f"{what}: {message}")
     if isinstance(exc, duckdb.ConversionException | duckdb.InvalidInputException):
         return InvalidInput(f"{what}: {message}")
+    io_words = ("No space left", "Could not write", "File too large", "Permission denied",
+                "Disk quota")
     if isinstance(
         exc, duckdb.IOException | duckdb.FatalException | duckdb.InternalException
-    ) or "No space left" in message:
+    ) or any(word in message for word in io_words):
         return StorageError(f"{what} failed in storage: {message}")
     if isinstance(exc, duckdb.OutOfMemoryException):
         return StorageError(f"{what}: DuckDB ran out of its memory budget: {message}")
@@ -306,7 +308,8 @@ class Storage:
             self.writer.execute("COMMIT")
         except duckdb.Error as exc:
             self.rollback()
-            raise map_duckdb_error(exc, "commit") from exc
+            err = map_duckdb_error(exc, "commit")
+            raise StorageError(f"the write was not stored: {err.message}") from exc
 
     def rollback(self) -> None:
         with contextlib.suppress(duckdb.Error):

@@ -201,3 +201,20 @@ def test_storage_error_on_unwritable_dir(tmp_path: Path) -> None:
     target.write_text("not a directory")
     with pytest.raises(StorageError):
         Catalog(target / "sub", backend="cpu")
+
+
+def test_disk_full_fails_the_write_and_reads_go_on(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.durability_worker", "disk-full", str(tmp_path)],
+        capture_output=True, text=True, cwd=root, timeout=120,
+    )
+    lines = out.stdout.splitlines()
+    assert lines[:4] == ["storage_error 507", "search 0 500", "sql 500", "small write ok"], (
+        out.stdout, out.stderr[-800:])
+    with Catalog(tmp_path, backend="cpu") as cat:
+        assert cat.get_collection("f").count == 501
+        assert cat.get_vector("f", 5000)[1] == {"label": "after"}
