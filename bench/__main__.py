@@ -16,6 +16,7 @@ from bench.harness import Report, SuiteSkipped, default_out_dir, device_info
 SUITES: dict[str, tuple[str, str]] = {
     "limits": ("bench.limits", "run_limits"),
     "engine": ("bench.engine", "run_engine"),
+    "headline": ("bench.headline", "run_headline"),
     "sql": ("bench.sql", "run_sql"),
     "ingest": ("bench.ingest", "run_ingest"),
     "http": ("bench.http", "run_http"),
