@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.batcher import SearchBatcher
 from service.errors import DotsearchError, PayloadTooLarge
 from service.metrics import LatencyMiddleware, Metrics
-from service.routes import collections, featurize, health, images, query, search, vectors
+from service.routes import collections, featurize, health, images, query, search, ui, vectors
 from service.routes.deps import SafeJSONResponse, Services
 from service.settings import Settings, get_settings
 
@@ -163,7 +163,7 @@ def create_app(settings: Settings | None = None, *, catalog: Any = None,
                               "with a SQL face.")
     app.state.services = services
     install_error_handlers(app)
-    for module in (health, collections, vectors, search, images, featurize, query):
+    for module in (health, collections, vectors, search, images, featurize, query, ui):
         app.include_router(module.router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(LatencyMiddleware, metrics=metrics)

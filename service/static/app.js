@@ -1,0 +1,751 @@
+/* dotsearch web page: plain JavaScript, no dependencies, no build step.
+ *
+ * Every value that comes from the server is put into the DOM with textContent or as a
+ * property (never innerHTML), so labels, file names and SQL errors cannot inject markup.
+ */
+"use strict";
+
+(() => {
+  const NAME_RE = /^[A-Za-z_][A-Za-z0-9_]{0,62}$/;
+  const $ = (id) => document.getElementById(id);
+
+  const state = {
+    health: null,
+    collections: [],          // [{name, dim, metric, columns, count, thumbnails}]
+    queryFile: null,          // the image being searched with (File/Blob)
+    queryUrl: null,           // its object URL for the preview
+    apiKey: localStorage.getItem("dotsearch.apiKey") || "",
+    healthTimer: null,
+    searchSeq: 0,             // ignore answers to searches that were superseded
+  };
+
+  /* ---------- small helpers ---------- */
+
+  function el(tag, props, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(props || {})) {
+      if (value === undefined || value === null) continue;
+      if (key === "class") node.className = value;
+      else if (key === "text") node.textContent = value;
+      else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+      else if (key in node && !key.startsWith("aria") && !key.startsWith("data")) node[key] = value;
+      else node.setAttribute(key, String(value));
+    }
+    for (const child of children) {
+      if (child === null || child === undefined || child === false) continue;
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+
+  function clear(node) { node.replaceChildren(); }
+
+  function show(node, visible) { node.hidden = !visible; }
+
+  function setStatus(node, text, kind) {
+    node.textContent = text || "";
+    node.classList.toggle("error", kind === "error");
+    node.classList.toggle("busy", kind === "busy");
+  }
+
+  function fmtScore(x) {
+    return typeof x === "number" && Number.isFinite(x) ? x.toFixed(4) : String(x);
+  }
+
+  function fmtMs(ms) {
+    if (typeof ms !== "number") return "";
+    return ms < 10 ? `${ms.toFixed(2)} ms` : `${Math.round(ms)} ms`;
+  }
+
+  /** An error from the API: {error, message, position?} with the HTTP status. */
+  class ApiError extends Error {
+    constructor(status, body) {
+      const message = (body && (body.message || body.detail)) || `HTTP ${status}`;
+      super(typeof message === "string" ? message : JSON.stringify(message));
+      this.status = status;
+      this.error = (body && body.error) || "http_error";
+      this.position = body && body.position ? body.position : null;
+    }
+  }
+
+  function headers(extra) {
+    const h = Object.assign({}, extra || {});
+    if (state.apiKey) h["X-API-Key"] = state.apiKey;
+    return h;
+  }
+
+  /** fetch + JSON, throwing ApiError for an error status and TypeError when unreachable. */
+  async function api(path, options) {
+    const opts = Object.assign({}, options || {});
+    opts.headers = headers(opts.headers);
+    const response = await fetch(path, opts);
+    let body = null;
+    const type = response.headers.get("content-type") || "";
+    if (type.includes("json")) {
+      try { body = await response.json(); } catch (_) { body = null; }
+    } else {
+      const text = await response.text();
+      body = { message: text.slice(0, 300) || response.statusText };
+    }
+    if (!response.ok) throw new ApiError(response.status, body);
+    return body;
+  }
+
+  function postForm(path, form) {
+    return api(path, { method: "POST", body: form });
+  }
+
+  function postJson(path, data) {
+    return api(path, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(data),
+    });
+  }
+
+  function errorText(err) {
+    if (err instanceof ApiError) {
+      let text = `${err.error}: ${err.message}`;
+      if (err.status === 401 || err.status === 403) text += " (set an API key at the bottom of the page)";
+      return text;
+    }
+    if (err instanceof TypeError) return "cannot reach the server (is it running?)";
+    return String(err && err.message ? err.message : err);
+  }
+
+  function thumbnailUrl(collection, id) {
+    return `/v1/collections/${encodeURIComponent(collection)}/vectors/${encodeURIComponent(id)}/thumbnail`;
+  }
+
+  /** An <img> for a stored thumbnail, or a placeholder when the collection keeps none. */
+  function thumbnail(collection, id, alt) {
+    const box = el("span", { class: "thumb" });
+    const placeholder = () => {
+      clear(box);
+      box.classList.add("no-thumb");
+      box.append(el("span", { text: `#${id}` }));
+    };
+    const info = state.collections.find((c) => c.name === collection);
+    if (info && info.thumbnails === false) { placeholder(); return box; }
+    const img = el("img", { alt, loading: "lazy", decoding: "async", onerror: placeholder });
+    box.append(img);
+    loadImage(img, thumbnailUrl(collection, id), placeholder);
+    return box;
+  }
+
+  function loadImage(img, url, onFail) {
+    if (!state.apiKey) {
+      img.src = url;
+      return;
+    }
+    // An <img> cannot send a header: fetch the bytes with the key instead.
+    fetch(url, { headers: headers() })
+      .then((r) => (r.ok ? r.blob() : Promise.reject(new Error(String(r.status)))))
+      .then((blob) => { img.src = URL.createObjectURL(blob); })
+      .catch(onFail);
+  }
+
+  /* ---------- server state: /health and collections ---------- */
+
+  function scheduleHealth(ms) {
+    clearTimeout(state.healthTimer);
+    state.healthTimer = setTimeout(refreshHealth, ms);
+  }
+
+  async function refreshHealth() {
+    const banner = $("server-banner");
+    let health;
+    try {
+      health = await api("/health");
+    } catch (err) {
+      banner.className = "banner error";
+      banner.textContent = err instanceof TypeError
+        ? "Cannot reach the dotsearch server. Retrying every few seconds…"
+        : `The server answered /health with an error: ${errorText(err)}. Retrying…`;
+      show(banner, true);
+      scheduleHealth(3000);
+      return;
+    }
+    state.health = health;
+    const featurizer = health.featurizer || {};
+    $("info-backend").textContent = health.backend || "?";
+    $("info-device").textContent = health.device || "?";
+    const weights = $("info-weights");
+    if (featurizer.state === "ready") {
+      weights.textContent = `${featurizer.weights || "?"}${featurizer.pretrained ? " (pretrained)" : ""}` +
+        (featurizer.device ? ` on ${featurizer.device}` : "");
+    } else {
+      weights.textContent = featurizer.state || "?";
+    }
+
+    let retry = 0;
+    if (health.status !== "ok") {
+      banner.className = "banner busy";
+      banner.textContent = "The server is starting (opening its storage). Retrying…";
+      show(banner, true);
+      retry = 1000;
+    } else if (featurizer.state === "loading") {
+      banner.className = "banner busy";
+      banner.textContent = "The featurizer is still loading: image search and uploads will work in a moment. SQL works now.";
+      show(banner, true);
+      retry = 1500;
+    } else if (featurizer.state === "failed") {
+      banner.className = "banner error";
+      banner.textContent = `The featurizer failed to load: ${featurizer.error || "unknown error"}. Image search and uploads are unavailable; SQL still works.`;
+      show(banner, true);
+    } else if (featurizer.state === "disabled") {
+      banner.className = "banner warn";
+      banner.textContent = "This server runs without a featurizer: image search and uploads are unavailable; SQL works.";
+      show(banner, true);
+    } else {
+      show(banner, false);
+    }
+
+    const notice = $("weights-notice");
+    if (featurizer.state === "ready" && !featurizer.pretrained) {
+      notice.textContent = `The featurizer uses ${featurizer.weights || "random"} weights, not pretrained ones: ` +
+        "an image's own copy is still found first, but other similarities are not semantic, and no ImageNet labels are shown. " +
+        "Start the server with --weights imagenet for meaningful neighbours.";
+      if (featurizer.warning) notice.textContent += ` (${featurizer.warning})`;
+      show(notice, true);
+    } else if (featurizer.state === "ready" && featurizer.warning) {
+      notice.textContent = featurizer.warning;
+      show(notice, true);
+    } else {
+      show(notice, false);
+    }
+    updateSearchAvailability();
+
+    if (health.status === "ok") await refreshCollections();
+    if (retry) scheduleHealth(retry);
+  }
+
+  async function refreshCollections() {
+    let list;
+    try {
+      list = (await api("/v1/collections")).collections || [];
+    } catch (err) {
+      // Fall back to what /health says (it needs no API key) when the list is refused.
+      list = ((state.health && state.health.collections) || []).map((c) => ({
+        name: c.name, dim: c.dim, count: c.count, columns: {}, thumbnails: undefined,
+      }));
+      if (!(err instanceof ApiError && (err.status === 401 || err.status === 403))) {
+        setStatus($("search-status"), `Could not list collections: ${errorText(err)}`, "error");
+      }
+    }
+    state.collections = list;
+    renderCollections();
+  }
+
+  function renderCollections() {
+    const ul = $("collections");
+    clear(ul);
+    for (const c of state.collections) {
+      const button = el("button", {
+        type: "button", class: "chip",
+        title: `${c.dim}-d, ${c.metric || "?"}; columns: id, feature${Object.keys(c.columns || {}).map((n) => ", " + n).join("")}`,
+        onclick: () => { $("search-collection").value = c.name; onCollectionChange(); $("search").scrollIntoView(); },
+      }, el("span", { class: "chip-name", text: c.name }),
+      el("span", { class: "chip-count", text: `${c.count.toLocaleString()} ${c.count === 1 ? "vector" : "vectors"}` }));
+      ul.append(el("li", {}, button));
+    }
+    show($("collections-empty"), state.collections.length === 0);
+
+    const select = $("search-collection");
+    const previous = select.value;
+    clear(select);
+    for (const c of state.collections) {
+      select.append(el("option", { value: c.name, text: `${c.name} (${c.count})` }));
+    }
+    const names = state.collections.map((c) => c.name);
+    if (names.includes(previous)) select.value = previous;
+    else if (names.includes("images")) select.value = "images";
+
+    const datalist = $("collection-names");
+    clear(datalist);
+    for (const c of state.collections) datalist.append(el("option", { value: c.name }));
+
+    maybeUpdateExampleSql();
+    updateSearchAvailability();
+  }
+
+  function currentCollection() {
+    const name = $("search-collection").value;
+    return state.collections.find((c) => c.name === name) || null;
+  }
+
+  function featurizerReady() {
+    return !!(state.health && state.health.featurizer && state.health.featurizer.state === "ready");
+  }
+
+  function updateSearchAvailability() {
+    const c = currentCollection();
+    $("search-again").disabled = !(state.queryFile && c && featurizerReady());
+    const status = $("search-status");
+    if (status.dataset.sticky) return;
+    if (!state.health) return;
+    if (state.collections.length === 0) {
+      setStatus(status, "There is nothing to search yet: add images below, then drop one here.");
+    } else if (c && c.count === 0) {
+      setStatus(status, `Collection “${c.name}” is empty: add images to it first.`);
+    } else if (!featurizerReady()) {
+      setStatus(status, "Image search needs the featurizer, which is not ready.");
+    } else if (!state.queryFile) {
+      setStatus(status, "Choose, drop or paste an image to see the most similar stored ones.");
+    }
+  }
+
+  /* ---------- search by image ---------- */
+
+  function setQueryPreview(src, caption) {
+    const img = $("query-image");
+    img.hidden = false;
+    img.onerror = () => { img.hidden = true; };
+    if (src.startsWith("blob:")) img.src = src;
+    else loadImage(img, src, () => { img.hidden = true; });
+    img.alt = caption;
+    $("query-caption").textContent = caption;
+    show($("search-output"), true);
+  }
+
+  function useImage(file) {
+    if (!file) return;
+    if (file.type && !file.type.startsWith("image/")) {
+      setStatus($("search-status"), `${file.name || "That file"} is not an image (${file.type}).`, "error");
+      return;
+    }
+    state.queryFile = file;
+    if (state.queryUrl) URL.revokeObjectURL(state.queryUrl);
+    state.queryUrl = URL.createObjectURL(file);
+    searchByImage();
+  }
+
+  function readK() {
+    const k = parseInt($("search-k").value, 10);
+    return Number.isFinite(k) && k >= 1 ? Math.min(k, 100) : 8;
+  }
+
+  async function searchByImage() {
+    const status = $("search-status");
+    const c = currentCollection();
+    if (!state.queryFile) return;
+    setQueryPreview(state.queryUrl, `Your image: ${state.queryFile.name || "pasted image"}`);
+    clear($("results"));
+    show($("prediction"), false);
+    show($("imagenet"), false);
+    show($("results-sql-box"), false);
+    $("results-title").textContent = "Most similar";
+    if (!c) {
+      setStatus(status, "Choose a collection first (or add images to create one).", "error");
+      return;
+    }
+    if (!featurizerReady()) {
+      setStatus(status, "The featurizer is not ready yet; try again in a moment.", "error");
+      return;
+    }
+    const seq = ++state.searchSeq;
+    const k = readK();
+    const filter = $("search-filter").value.trim();
+    status.dataset.sticky = "1";
+    setStatus(status, `Searching “${c.name}”…`, "busy");
+    $("search-again").disabled = true;
+    const form = () => {
+      const f = new FormData();
+      f.append("file", state.queryFile, state.queryFile.name || "pasted.png");
+      f.append("k", String(k));
+      if (filter) f.append("filter", filter);
+      return f;
+    };
+    const started = performance.now();
+    try {
+      const answer = await postForm(`/v1/collections/${encodeURIComponent(c.name)}/search/image`, form());
+      if (seq !== state.searchSeq) return;
+      const roundTrip = performance.now() - started;
+      const hits = answer.results || [];
+      renderHits(c.name, hits, null);
+      setStatus(status, hits.length
+        ? `${hits.length} most similar in “${c.name}” (${c.count} stored): ${fmtMs(answer.took_ms)} on the server including featurizing, ${fmtMs(roundTrip)} round trip.`
+        : (filter ? `No stored image in “${c.name}” matches the filter.` : `Collection “${c.name}” has no images to compare with.`));
+    } catch (err) {
+      if (seq !== state.searchSeq) return;
+      setStatus(status, `Search failed: ${errorText(err)}`, "error");
+      return;
+    } finally {
+      if (seq === state.searchSeq) updateSearchAvailability();
+    }
+    // The neighbours' vote and the ImageNet labels come after the grid, without blocking it.
+    if (c.columns && "label" in c.columns) {
+      const f = form();
+      f.set("k", String(Math.min(k, 1000)));
+      postForm(`/v1/collections/${encodeURIComponent(c.name)}/classify`, f)
+        .then((vote) => { if (seq === state.searchSeq) renderVote(vote); })
+        .catch((err) => {
+          if (seq !== state.searchSeq) return;
+          $("voted-label").textContent = "no vote";
+          $("vote-detail").textContent = errorText(err);
+          show($("prediction"), true);
+        });
+    }
+    const featurizer = state.health && state.health.featurizer;
+    if (featurizer && featurizer.pretrained) {
+      const f = new FormData();
+      f.append("file", state.queryFile, state.queryFile.name || "pasted.png");
+      postForm("/v1/featurize", f)
+        .then((out) => { if (seq === state.searchSeq) renderImagenet(out.labels || []); })
+        .catch(() => {});
+    }
+  }
+
+  function renderVote(vote) {
+    const box = $("prediction");
+    if (!vote || vote.label === null || vote.label === undefined) {
+      $("voted-label").textContent = "no labelled neighbours";
+      $("vote-detail").textContent = "";
+    } else {
+      const votes = vote.votes || {};
+      const total = Object.values(votes).reduce((a, b) => a + b, 0);
+      $("voted-label").textContent = vote.label;
+      const others = Object.entries(votes).map(([label, n]) => `${label}: ${n}`).join(", ");
+      $("vote-detail").textContent = `${votes[vote.label] || 0} of ${total} labelled neighbours (${others})`;
+    }
+    show(box, true);
+  }
+
+  function renderImagenet(labels) {
+    const ol = $("imagenet-labels");
+    clear(ol);
+    for (const l of labels) {
+      ol.append(el("li", {}, el("span", { text: l.label }), " ",
+        el("span", { class: "muted", text: `${(100 * l.probability).toFixed(1)}%` })));
+    }
+    show($("imagenet"), labels.length > 0);
+  }
+
+  /** The results grid: each hit a button that searches for more like it. */
+  function renderHits(collection, hits, selfId) {
+    const ol = $("results");
+    clear(ol);
+    hits.forEach((hit, rank) => {
+      const meta = hit.metadata || {};
+      const label = meta.label === undefined || meta.label === null ? "" : String(meta.label);
+      const name = `#${hit.id}${label ? " " + label : ""}`;
+      const button = el("button", {
+        type: "button", class: "result",
+        "aria-label": `Result ${rank + 1}: id ${hit.id}${label ? ", label " + label : ""}, score ${fmtScore(hit.score)}. Search for more like this one.`,
+        title: meta.filename ? String(meta.filename) : undefined,
+        "data-id": String(hit.id),
+        onclick: () => moreLikeThis(collection, hit.id, label),
+      },
+      thumbnail(collection, hit.id, name),
+      el("span", { class: "result-meta" },
+        el("span", { class: "result-id", text: `#${hit.id}` }),
+        el("span", { class: "result-score", text: fmtScore(hit.score) })),
+      el("span", { class: "result-label", text: label || "\u00a0" }));
+      const li = el("li", { class: selfId !== null && hit.id === selfId ? "self" : "" }, button);
+      ol.append(li);
+    });
+    if (!hits.length) ol.append(el("li", { class: "empty", text: "No results." }));
+  }
+
+  /** "More like this one": the SQL subquery-by-id form, through /v1/query. */
+  async function moreLikeThis(collection, id, label) {
+    const status = $("search-status");
+    const info = state.collections.find((c) => c.name === collection);
+    if (!NAME_RE.test(collection) || !Number.isSafeInteger(Number(id))) {
+      setStatus(status, "Cannot build the query for this result.", "error");
+      return;
+    }
+    const k = readK();
+    const hasLabel = !!(info && info.columns && "label" in info.columns);
+    const sql = `SELECT id, ${hasLabel ? "label, " : ""}DOT_PRODUCT(feature, (SELECT feature FROM ${collection} WHERE id = ${Number(id)})) AS score FROM ${collection} ORDER BY score DESC LIMIT ${k}`;
+    const seq = ++state.searchSeq;
+    status.dataset.sticky = "1";
+    setStatus(status, `Searching for more like #${id}…`, "busy");
+    const started = performance.now();
+    try {
+      const answer = await postJson("/v1/query", { sql });
+      if (seq !== state.searchSeq) return;
+      const cols = answer.columns || [];
+      const at = (name) => cols.indexOf(name);
+      const hits = (answer.rows || []).map((row) => ({
+        id: row[at("id")],
+        score: row[at("score")],
+        metadata: hasLabel ? { label: row[at("label")] } : {},
+      }));
+      const caption = `More like #${id}${label ? " (" + label + ")" : ""}`;
+      setQueryPreview(thumbnailUrl(collection, id), caption);
+      $("results-title").textContent = `More like #${id}`;
+      show($("prediction"), false);
+      show($("imagenet"), false);
+      $("results-sql").textContent = sql;
+      show($("results-sql-box"), true);
+      renderHits(collection, hits, Number(id));
+      setStatus(status, `${hits.length} most similar to #${id} in “${collection}” by SQL: ${fmtMs(answer.took_ms)} on the server, ${fmtMs(performance.now() - started)} round trip.`);
+      $("results-title").focus({ preventScroll: true });
+    } catch (err) {
+      if (seq !== state.searchSeq) return;
+      setStatus(status, `“More like this” failed: ${errorText(err)}`, "error");
+    }
+  }
+
+  function onCollectionChange() {
+    maybeUpdateExampleSql();
+    delete $("search-status").dataset.sticky;
+    if (state.queryFile) searchByImage();
+    else updateSearchAvailability();
+  }
+
+  function setupSearch() {
+    const input = $("search-file");
+    $("search-pick").addEventListener("click", () => input.click());
+    input.addEventListener("change", () => {
+      if (input.files && input.files[0]) useImage(input.files[0]);
+      input.value = "";   // choosing the same file again searches again
+    });
+    $("search-collection").addEventListener("change", onCollectionChange);
+    $("search-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      if (state.queryFile) searchByImage();
+    });
+
+    const zone = $("dropzone");
+    const section = $("search");
+    let depth = 0;
+    section.addEventListener("dragenter", (e) => { e.preventDefault(); depth++; zone.classList.add("over"); });
+    section.addEventListener("dragleave", () => { if (--depth <= 0) { depth = 0; zone.classList.remove("over"); } });
+    section.addEventListener("dragover", (e) => { e.preventDefault(); e.dataTransfer.dropEffect = "copy"; });
+    section.addEventListener("drop", (e) => {
+      e.preventDefault();
+      depth = 0;
+      zone.classList.remove("over");
+      const file = [...(e.dataTransfer.files || [])].find((f) => f.type.startsWith("image/"));
+      if (file) useImage(file);
+      else setStatus($("search-status"), "Drop an image file (JPEG, PNG, WebP, GIF, BMP).", "error");
+    });
+    document.addEventListener("paste", (e) => {
+      const items = [...((e.clipboardData && e.clipboardData.items) || [])];
+      const item = items.find((i) => i.kind === "file" && i.type.startsWith("image/"));
+      if (!item) return;        // a text paste into a field stays a text paste
+      e.preventDefault();
+      useImage(item.getAsFile());
+      section.scrollIntoView({ block: "start" });
+    });
+  }
+
+  /* ---------- add images ---------- */
+
+  function setupUpload() {
+    const form = $("upload-form");
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const status = $("upload-status");
+      const collection = $("upload-collection").value.trim();
+      const label = $("upload-label").value.trim();
+      const files = [...($("upload-files").files || [])];
+      if (!NAME_RE.test(collection)) {
+        setStatus(status, "A collection name starts with a letter or _ and has only letters, digits and _ (at most 63).", "error");
+        $("upload-collection").focus();
+        return;
+      }
+      if (label.includes(",")) {
+        setStatus(status, "A label cannot contain a comma (the API reads commas as separators).", "error");
+        $("upload-label").focus();
+        return;
+      }
+      if (!files.length) {
+        setStatus(status, "Choose one or more image files first.", "error");
+        $("upload-files").focus();
+        return;
+      }
+      const button = $("upload-button");
+      button.disabled = true;
+      const progress = $("upload-progress");
+      progress.max = files.length;
+      progress.value = 0;
+      show($("upload-progress-box"), true);
+      const list = $("upload-results");
+      clear(list);
+      let stored = 0;
+      const started = performance.now();
+      // One request per file: a per-file result (one bad file does not fail the others).
+      for (let i = 0; i < files.length; i++) {
+        const file = files[i];
+        $("upload-progress-label").textContent = `Uploading ${i + 1} of ${files.length}: ${file.name}`;
+        setStatus(status, `Uploading ${i + 1} of ${files.length}…`, "busy");
+        const item = el("li", { class: "pending" }, el("span", { class: "file-name", text: file.name }), " ",
+          el("span", { class: "file-result", text: "uploading…" }));
+        list.append(item);
+        const f = new FormData();
+        f.append("files", file, file.name);
+        if (label) f.append("labels", label);
+        try {
+          const out = await postForm(`/v1/collections/${encodeURIComponent(collection)}/images`, f);
+          stored++;
+          item.className = "ok";
+          item.querySelector(".file-result").textContent =
+            `stored as id ${(out.ids || []).join(", ")}${label ? ` with label “${label}”` : ""} (${fmtMs(out.took_ms)})`;
+        } catch (err) {
+          item.className = "failed";
+          item.querySelector(".file-result").textContent = `not stored: ${errorText(err)}`;
+        }
+        progress.value = i + 1;
+      }
+      $("upload-progress-label").textContent = `Done: ${files.length} ${files.length === 1 ? "file" : "files"}`;
+      setStatus(status, `${stored} of ${files.length} stored in “${collection}” in ${fmtMs(performance.now() - started)}.`,
+        stored === files.length ? "" : "error");
+      button.disabled = false;
+      $("upload-files").value = "";
+      await refreshCollections();
+      if (stored && !currentCollection()) $("search-collection").value = collection;
+      updateSearchAvailability();
+    });
+  }
+
+  /* ---------- SQL console ---------- */
+
+  let exampleTouched = false;
+
+  /** Point the example query at a collection that exists, until the user edits it. */
+  function maybeUpdateExampleSql() {
+    if (exampleTouched) return;
+    const names = state.collections.map((c) => c.name);
+    if (!names.length || names.includes("images")) return;
+    const c = currentCollection() || state.collections[0];
+    if (!NAME_RE.test(c.name)) return;
+    const label = c.columns && "label" in c.columns ? "label, " : "";
+    $("sql-input").value = `SELECT id, ${label}DOT_PRODUCT(feature, (SELECT feature FROM ${c.name} WHERE id = 1)) AS score FROM ${c.name} ORDER BY score DESC LIMIT 10`;
+  }
+
+  function showSqlError(sql, err) {
+    $("sql-error-message").textContent = errorText(err);
+    const where = $("sql-error-where");
+    const pos = err instanceof ApiError ? err.position : null;
+    if (pos && Number.isInteger(pos.line) && Number.isInteger(pos.column)) {
+      const lines = sql.split("\n");
+      const line = lines[pos.line - 1];
+      if (line !== undefined) {
+        const col = Math.max(1, pos.column);
+        where.textContent = `line ${pos.line}, column ${pos.column}:\n${line}\n${" ".repeat(col - 1)}^`;
+      } else {
+        where.textContent = `line ${pos.line}, column ${pos.column}`;
+      }
+      show(where, true);
+    } else {
+      show(where, false);
+    }
+    show($("sql-error"), true);
+  }
+
+  function cellText(value) {
+    if (value === null || value === undefined) return { text: "NULL", cls: "null" };
+    if (typeof value === "number") {
+      return { text: Number.isInteger(value) ? String(value) : String(Number(value.toPrecision(7))), cls: "num" };
+    }
+    if (Array.isArray(value)) {
+      const head = value.slice(0, 4).map((v) => (typeof v === "number" ? Number(v.toPrecision(4)) : v));
+      return { text: value.length > 4 ? `[${head.join(", ")}, … (${value.length})]` : JSON.stringify(value), cls: "" };
+    }
+    let text = typeof value === "object" ? JSON.stringify(value) : String(value);
+    if (text.length > 120) text = `${text.slice(0, 60)}… (${text.length} characters)`;
+    return { text, cls: "" };
+  }
+
+  function renderTable(result) {
+    const table = $("sql-table");
+    const thead = table.tHead;
+    const tbody = table.tBodies[0];
+    clear(thead);
+    clear(tbody);
+    const columns = result.columns || [];
+    const types = result.types || [];
+    const headRow = el("tr");
+    columns.forEach((name, i) => {
+      headRow.append(el("th", { scope: "col", title: types[i] || undefined }, el("span", { text: name }),
+        types[i] ? el("span", { class: "type", text: types[i] }) : null));
+    });
+    thead.append(headRow);
+    for (const row of result.rows || []) {
+      const tr = el("tr");
+      for (const value of row) {
+        const { text, cls } = cellText(value);
+        tr.append(el("td", { class: cls, text }));
+      }
+      tbody.append(tr);
+    }
+    show($("sql-table-wrap"), columns.length > 0);
+  }
+
+  async function runSql(sqlText) {
+    const sql = sqlText.trim();
+    const status = $("sql-status");
+    show($("sql-error"), false);
+    if (!sql) {
+      setStatus(status, "Type a query first.", "error");
+      return;
+    }
+    setStatus(status, "Running…", "busy");
+    $("sql-run").disabled = true;
+    const started = performance.now();
+    try {
+      const result = await postJson("/v1/query", { sql });
+      const plan = typeof result.explain === "string" && result.explain;
+      if (plan) {
+        $("sql-plan").textContent = plan;
+        show($("sql-plan-box"), true);
+        show($("sql-table-wrap"), false);
+      } else {
+        show($("sql-plan-box"), false);
+        renderTable(result);
+      }
+      const n = (result.rows || []).length;
+      setStatus(status, `${plan ? "Plan" : `${n} ${n === 1 ? "row" : "rows"}`} in ${fmtMs(result.took_ms)} on the server (${fmtMs(performance.now() - started)} round trip).`);
+      if (!/^\s*(select|with|explain|show|describe|desc)\b/i.test(sql)) refreshCollections();
+    } catch (err) {
+      setStatus(status, "The query failed.", "error");
+      showSqlError(sqlText, err);
+    } finally {
+      $("sql-run").disabled = false;
+    }
+  }
+
+  function setupSql() {
+    const input = $("sql-input");
+    input.addEventListener("input", () => { exampleTouched = true; });
+    input.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
+        e.preventDefault();
+        runSql(input.value);
+      }
+    });
+    $("sql-form").addEventListener("submit", (e) => { e.preventDefault(); runSql(input.value); });
+    $("sql-explain").addEventListener("click", () => {
+      const sql = input.value.trim();
+      runSql(/^explain\b/i.test(sql) ? sql : `EXPLAIN ${sql}`);
+    });
+    $("sql-tables").addEventListener("click", () => {
+      input.value = "SHOW TABLES";
+      exampleTouched = true;
+      runSql(input.value);
+    });
+  }
+
+  /* ---------- API key ---------- */
+
+  function setupKey() {
+    const input = $("api-key");
+    input.value = state.apiKey;
+    $("key-form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      state.apiKey = input.value.trim();
+      if (state.apiKey) localStorage.setItem("dotsearch.apiKey", state.apiKey);
+      else localStorage.removeItem("dotsearch.apiKey");
+      refreshHealth();
+    });
+  }
+
+  setupSearch();
+  setupUpload();
+  setupSql();
+  setupKey();
+  refreshHealth();
+})();
