@@ -427,16 +427,24 @@ class Storage:
         """Metadata (JSON-friendly) for ids, keyed by id; absent ids are left out."""
         if len(ids) == 0:
             return {}
-        view = self.unique_name("ids")
-        cur.register(view, {"id": np.asarray(ids, dtype=np.int64)})
-        try:
-            projection = ", ".join(["t.id", *(f"t.{quote(c)}" for c in columns)])
+        projection = ", ".join(["t.id", *(f"t.{quote(c)}" for c in columns)])
+        if len(ids) <= 1024:
+            # Point lookups through the primary-key index; ids travel as parameters.
+            marks = ", ".join(f"$i{i}" for i in range(len(ids)))
             rows = cur.execute(
-                f"SELECT {projection} FROM {quote(name)} t "
-                f"WHERE t.id IN (SELECT id FROM {view})"
+                f"SELECT {projection} FROM {quote(name)} t WHERE t.id IN ({marks})",
+                {f"i{i}": int(v) for i, v in enumerate(ids)},
             ).fetchall()
-        finally:
-            cur.unregister(view)
+        else:
+            view = self.unique_name("ids")
+            cur.register(view, {"id": np.asarray(ids, dtype=np.int64)})
+            try:
+                rows = cur.execute(
+                    f"SELECT {projection} FROM {quote(name)} t "
+                    f"WHERE t.id IN (SELECT id FROM {view})"
+                ).fetchall()
+            finally:
+                cur.unregister(view)
         return {
             int(r[0]): {
                 c: decode_json(v) if columns[c] == "JSON" else json_value(v)

@@ -28,6 +28,7 @@ from service.storage import CollectionRecord
 SERVABLE = {("dot", "dot"), ("l2", "l2"), ("cos_sim", "cosine"), ("cos_dist", "cosine"),
             ("dot", "cosine")}
 COMPARISONS: dict[type[exp.Expr], str] = {exp.GT: ">", exp.GTE: ">=", exp.LT: "<", exp.LTE: "<="}
+POINT_LOOKUP_MAX = 1024
 FLIPPED = {">": "<", ">=": "<=", "<": ">", "<=": ">="}
 
 
@@ -261,6 +262,12 @@ def _run_driving(select: exp.Select, ctx: Context, driving: Any, mode: str,
         .join(exp.Table(this=exp.to_identifier(view), alias=exp.TableAlias(
             this=exp.to_identifier("__c"))), on="__t.id = __c.id")
     )
+    if not ctx.explain and len(ids) <= POINT_LOOKUP_MAX:
+        # A short id list lets DuckDB use the primary-key index instead of scanning the table.
+        inner = inner.where(
+            exp.In(this=exp.column("id", "__t"), expressions=[ctx.bind(int(i)) for i in ids])
+            if len(ids) else exp.false()
+        )
     derived = exp.Subquery(this=inner, alias=exp.TableAlias(this=exp.to_identifier(alias)))
     derived.meta["ds_internal"] = True
     inner.meta["ds_internal"] = True
