@@ -336,3 +336,15 @@ def test_vector_errors_have_positions(catalog: Catalog) -> None:
     with pytest.raises(QueryError, match="unknown table") as info:
         catalog.query("SELECT id FROM nowhere")
     assert info.value.position == {"line": 1, "column": 16}
+
+
+def test_table_and_column_names_are_case_insensitive(tmp_path: Path) -> None:
+    with Catalog(tmp_path, backend="cpu") as cat:
+        cat.create_collection("Photos", 2, "dot", columns={"Label": "TEXT"})
+        cat.query("INSERT INTO photos (ID, Feature, label) VALUES (1, '[1, 0]', 'a')")
+        cat.query("UPDATE PHOTOS SET LABEL = 'b' WHERE id = 1")
+        res = cat.query("SELECT id, label FROM PHOTOS ORDER BY feature <*> '[1, 0]' DESC LIMIT 1")
+        assert res.rows == [[1, "b"]]
+        assert cat.query("DESCRIBE photos").rows[0] == ["id", "BIGINT", "PRI"]
+        cat.query("DROP TABLE photos")
+        assert cat.list_collections() == []

@@ -15,6 +15,12 @@ from service.sql.vectors import Context, as_float32, bind_parameters, eval_vecto
 from service.storage import first_row, map_duckdb_error, quote
 
 
+def resolve_table(catalog: Any, name: str) -> str | None:
+    from service.sql.executor import resolve_table as resolve
+
+    return resolve(catalog, name)
+
+
 def _result(columns: list[str], types: list[str], rows: list[list[Any]]) -> Any:
     from service.collections import QueryResult
 
@@ -109,7 +115,7 @@ def create_table(catalog: Any, stmt: exp.Create) -> Any:
         raise error_at("a table needs one column of type VECTOR(d) or VECTOR(d, F16)", stmt)
     if not has_id:
         raise error_at("a table needs an `id BIGINT PRIMARY KEY` column", stmt)
-    if stmt.args.get("exists") and name in catalog._collections:
+    if stmt.args.get("exists") and resolve_table(catalog, name) is not None:
         return _affected(0)
     try:
         catalog.create_collection(name, vector[1], "dot", vector[2], columns,
@@ -139,18 +145,20 @@ def drop_table(catalog: Any, stmt: exp.Drop) -> Any:
     for table in tables:
         if not isinstance(table, exp.Table) or table.args.get("db"):
             raise error_at("DROP TABLE takes plain table names", stmt)
-        if table.name not in catalog._collections:
+        canonical = resolve_table(catalog, table.name)
+        if canonical is None:
             if stmt.args.get("exists"):
                 continue
             raise error_at(f"unknown table {table.name!r}", table)
-        catalog.drop_collection(table.name)
+        catalog.drop_collection(canonical)
     return _affected(0)
 
 
 def describe(catalog: Any, table: exp.Table) -> Any:
-    if table.name not in catalog._collections:
+    canonical = resolve_table(catalog, table.name)
+    if canonical is None:
         raise error_at(f"unknown table {table.name!r}", table)
-    info = catalog.get_collection(table.name)
+    info = catalog.get_collection(canonical)
     vec_type = f"VECTOR({info.dim}{', F16' if info.dtype == 'float16' else ''})"
     rows = [["id", "BIGINT", "PRI"], [info.vector_column, vec_type, ""]]
     rows += [[c, t, ""] for c, t in info.columns.items()]
@@ -265,8 +273,11 @@ def update(catalog: Any, stmt: exp.Update, ctx: Context) -> Any:
         raise error_at("UPDATE table SET column = value [WHERE ...] (one table)", stmt)
     coll = catalog._get(table.name)
     rec = coll.record
+    by_lower = {c.lower(): c for c in rec.columns}
     for assignment in stmt.expressions:
         col = assignment.this if isinstance(assignment, exp.EQ) else None
+        if isinstance(col, exp.Column) and col.name.lower() in by_lower:
+            col.set("this", exp.to_identifier(by_lower[col.name.lower()]))
         if not isinstance(col, exp.Column) or col.name not in rec.columns:
             raise error_at(
                 f"UPDATE can set metadata columns only ({', '.join(rec.columns) or 'none'})",

@@ -58,6 +58,14 @@ def _duckdb_query_error(exc: duckdb.Error, stmt: exp.Expr) -> DotsearchError:
     return err
 
 
+def resolve_table(catalog: Any, name: str) -> str | None:
+    """The collection a (case-insensitive, as in SQL) table name refers to, or None."""
+    if name in catalog._collections:
+        return name
+    matches = [n for n in catalog._collections if n.lower() == name.lower()]
+    return matches[0] if len(matches) == 1 else None
+
+
 def check_statement(stmt: exp.Expr, catalog: Any) -> None:
     """Refuse what is not ours to run: unknown tables, table functions, internal tables."""
     cte_names = {cte.alias_or_name.lower() for cte in stmt.find_all(exp.CTE)}
@@ -70,9 +78,12 @@ def check_statement(stmt: exp.Expr, catalog: Any) -> None:
         if name.lower() in cte_names:
             table.meta["cte"] = True
             continue
-        if name not in catalog._collections:
+        canonical = resolve_table(catalog, name)
+        if canonical is None:
             known = ", ".join(sorted(catalog._collections)) or "none"
             raise error_at(f"unknown table {name!r} (collections: {known})", table)
+        if canonical != name:
+            table.set("this", exp.to_identifier(canonical))
     for func in stmt.find_all(exp.Func):
         fname = (func.this if isinstance(func, exp.Anonymous) else func.sql_name()) or ""
         if isinstance(fname, str) and fname.lower().startswith(DENIED_FUNCTION_PREFIXES):
