@@ -397,9 +397,11 @@ class Storage:
         return -1 if row is None or row[0] is None else int(row[0])
 
     def iter_vectors(
-        self, rec: CollectionRecord, chunk_rows: int = 65536
+        self, rec: CollectionRecord, chunk_rows: int | None = None
     ) -> Iterator[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
-        """Every stored (ids, vectors) in chunks of rowid ranges."""
+        """Every stored (ids, vectors) in chunks of rowid ranges (about 32 MB each)."""
+        if chunk_rows is None:
+            chunk_rows = max(1024, (32 << 20) // (4 * rec.dim))
         cur = self.writer
         row = first_row(cur.execute(f"SELECT max(rowid) FROM {quote(rec.name)}"))
         if row is None or row[0] is None:
