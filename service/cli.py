@@ -165,7 +165,9 @@ def ingest(folder: Annotated[Path, typer.Argument(exists=True, file_okay=False)]
 
 def print_result(result: Any, title: str | None = None) -> None:
     """A QueryResult as a rich table (vectors abbreviated)."""
-    table = Table(title=title, show_lines=False)
+    if title:
+        console.print(f"[bold]{title}[/]")
+    table = Table(show_lines=False)
     for name in result.columns:
         table.add_column(str(name))
     for row in result.rows:
@@ -243,7 +245,8 @@ def demo(data_dir: DataDir = None, weights: Weights = None,
                       f"[bold]{collection}[/] (weights: {featurizer.weights_name})")
         query_img = ImageOps.mirror(images["chelsea"])
         hits = catalog.search(collection, featurizer.featurize([query_img]), 3)[0]
-        table = Table(title="Similar to a mirrored copy of 'chelsea' (the cat)")
+        console.print("[bold]Similar to mirrored 'chelsea'[/] (search by image)")
+        table = Table()
         for column in ("id", "score", "label"):
             table.add_column(column)
         for hit in hits:
