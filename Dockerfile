@@ -23,8 +23,8 @@ ARG PREFETCH_WEIGHTS=1
 RUN if [ "$PREFETCH_WEIGHTS" = "1" ]; then python -c "from torchvision.models import \
 Inception_V3_Weights as W; W.IMAGENET1K_V1.get_state_dict(progress=False)"; fi
 
-RUN useradd --create-home --uid 10001 dotsearch && mkdir -p /data \
- && chown dotsearch /data && chmod -R a+rX /opt/torch 2>/dev/null || true
+RUN useradd --create-home --uid 10001 dotsearch && mkdir -p /data /opt/torch \
+ && chown dotsearch /data && chmod -R a+rX /opt/torch
 USER dotsearch
 
 ENV DOTSEARCH_HOST=0.0.0.0 DOTSEARCH_PORT=8000 DOTSEARCH_DATA_DIR=/data \
