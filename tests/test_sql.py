@@ -315,6 +315,19 @@ def test_ddl_dml_roundtrip(tmp_path: Path) -> None:
         assert cat.query("SHOW TABLES").rows == []
 
 
+def test_create_table_metric_option(tmp_path: Path) -> None:
+    with Catalog(tmp_path, backend="cpu") as cat:
+        cat.query("CREATE TABLE c (id BIGINT, v VECTOR(2)) COMMENT = 'metric=cosine'")
+        assert cat.get_collection("c").metric == "cosine"
+        cat.query("INSERT INTO c VALUES (1, '[3, 4]'), (2, '[1, 0]')")
+        res = cat.query("SELECT id, COSINE_SIMILARITY(v, '[1, 0]') AS s FROM c ORDER BY s DESC "
+                        "LIMIT 2")
+        assert [r[0] for r in res.rows] == [2, 1]
+        assert res.rows[1][1] == pytest.approx(0.6, rel=1e-6)
+        with pytest.raises(QueryError, match="metric must be"):
+            cat.query("CREATE TABLE d (id BIGINT, v VECTOR(2)) COMMENT = 'metric=manhattan'")
+
+
 def test_rest_collection_is_a_table(tmp_path: Path) -> None:
     with Catalog(tmp_path, backend="cpu") as cat:
         cat.create_collection("photos", 2, "cosine", columns={"label": "VARCHAR"})

@@ -117,12 +117,27 @@ def create_table(catalog: Any, stmt: exp.Create) -> Any:
         raise error_at("a table needs an `id BIGINT PRIMARY KEY` column", stmt)
     if stmt.args.get("exists") and resolve_table(catalog, name) is not None:
         return _affected(0)
+    metric = _metric_option(stmt)
     try:
-        catalog.create_collection(name, vector[1], "dot", vector[2], columns,
+        catalog.create_collection(name, vector[1], metric, vector[2], columns,
                                   vector_column=vector[0])
     except InvalidInput as exc:
         raise error_at(exc.message, stmt) from exc
     return _affected(0)
+
+
+def _metric_option(stmt: exp.Create) -> str:
+    """`COMMENT = 'metric=cosine'` picks the index metric; SQL-made tables default to dot."""
+    props = stmt.args.get("properties")
+    for prop in props.expressions if props is not None else []:
+        if isinstance(prop, exp.SchemaCommentProperty):
+            text = prop.this.name.strip().lower().replace(" ", "")
+            if text.startswith("metric="):
+                metric = text.split("=", 1)[1]
+                if metric not in ("dot", "cosine", "l2"):
+                    raise error_at("metric must be dot, cosine or l2", prop)
+                return metric
+    return "dot"
 
 
 def _vector_dim(args: list[exp.Expr], col: exp.Expr) -> int:
