@@ -37,7 +37,7 @@ def encode() -> Callable[..., bytes]:
 
 
 @pytest.fixture(scope="session")
-def featurizer():  # type: ignore[no-untyped-def]
+def featurizer():
     """One seeded-random Inception-v3 on the CPU for the whole test session."""
     from service.featurizer import Featurizer
 

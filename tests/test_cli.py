@@ -73,8 +73,13 @@ def test_demo(tmp_path, fast_featurizer):
 def test_bench_passes_arguments(monkeypatch):
     import bench.__main__
 
-    seen = []
-    monkeypatch.setattr(bench.__main__, "main", lambda argv: seen.append(argv) or 0)
+    seen: list[list[str]] = []
+
+    def fake_main(argv: list[str]) -> int:
+        seen.append(argv)
+        return 0
+
+    monkeypatch.setattr(bench.__main__, "main", fake_main)
     result = runner.invoke(app, ["bench", "--quick", "x"])
     assert result.exit_code == 0 and seen == [["--quick", "x"]]
 

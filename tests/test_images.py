@@ -53,7 +53,7 @@ def test_animated_gif_gives_first_frame(encode):
     buf = io.BytesIO()
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=50)
     img = decode_image(buf.getvalue())
-    r, _, b = img.getpixel((8, 8))
+    r, _, b = img.getpixel((8, 8))  # type: ignore[misc]
     assert r > 200 and b < 50
 
 
