@@ -66,7 +66,7 @@ def run_featurize(report: Report, quick: bool = False,
     results: dict[str, float] = {}
     series: dict[str, list[tuple[float, float]]] = {}
     for device in devices:
-        sizes = batch_sizes or ((1, 4) if quick else (1, 8, 32) if device == "cpu"
+        sizes = batch_sizes or ((1, 2) if quick else (1, 8, 32) if device == "cpu"
                                 else (1, 32, 256) if quick else (1, 8, 32, 128, 256, 512))
         started = time.perf_counter()
         featurizer = Featurizer("random", device=device, batch_size=max(sizes))

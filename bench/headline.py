@@ -229,5 +229,5 @@ def run_headlines(report: Report, n: int, dim: int, gpu_n: int, gpu_scale_n: int
 
 def run_headline(report: Report, quick: bool = False) -> None:
     """The headline suite of ``python -m bench``: issue 2's ratios (smaller with --quick)."""
-    run_headlines(report, 50_000 if quick else 200_000, 2048,
+    run_headlines(report, 20_000 if quick else 200_000, 2048,
                   200_000 if quick else 1_000_000, 0 if quick else 10_000_000)

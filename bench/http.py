@@ -151,7 +151,7 @@ def run_http(report: Report, quick: bool = False, n: int | None = None,
     n = n or (20_000 if quick else 100_000)
     dim = dim or (512 if quick else 2048)
     concurrency = concurrency or ((1, 8, 64) if quick else (1, 8, 64, 256))
-    seconds = seconds or (1.5 if quick else 8.0)
+    seconds = seconds or (1.0 if quick else 8.0)
     samples = samples or (30 if quick else 200)
     if not fits_in_memory(n * dim * 4 * 4):
         report.note(SUITE, f"skipped N={n} d={dim}: does not fit in memory with headroom")
