@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -181,6 +182,31 @@ def as_vectors(vectors: Any, dim: int, expected_rows: int | None = None) -> npt.
     return out
 
 
+def _prefetched(chunks: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Read the next chunk from DuckDB in a thread while the caller indexes this one."""
+    pending: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                pending.put(chunk)
+            pending.put(done)
+        except BaseException as exc:
+            pending.put(exc)
+
+    thread = threading.Thread(target=produce, name="dotsearch-reload", daemon=True)
+    thread.start()
+    while True:
+        item = pending.get()
+        if item is done:
+            break
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+    thread.join()
+
+
 class Catalog:
     """Every collection of one data directory; thread safe (readers-writer discipline).
 
@@ -227,7 +253,7 @@ class Catalog:
             self._make_index(CollectionRecord("probe", 1, "dot", "float32"))
         for rec in records:
             index = self._make_index(rec)
-            for ids, vectors in self._storage.iter_vectors(rec):
+            for ids, vectors in _prefetched(self._storage.iter_vectors(rec)):
                 index.add(ids, vectors)
             next_id = self._storage.max_id(rec.name) + 1
             self._collections[rec.name] = Collection(rec, index, next_id)
