@@ -17,6 +17,7 @@
     apiKey: localStorage.getItem("dotsearch.apiKey") || "",
     healthTimer: null,
     searchSeq: 0,             // ignore answers to searches that were superseded
+    pendingSearch: false,     // an image chosen while the featurizer was still loading
   };
 
   /* ---------- small helpers ---------- */
@@ -127,7 +128,7 @@
     };
     const info = state.collections.find((c) => c.name === collection);
     if (info && info.thumbnails === false) { placeholder(); return box; }
-    const img = el("img", { alt, loading: "lazy", decoding: "async", onerror: placeholder });
+    const img = el("img", { alt, decoding: "async", onerror: placeholder });
     box.append(img);
     loadImage(img, thumbnailUrl(collection, id), placeholder);
     return box;
@@ -217,6 +218,7 @@
     updateSearchAvailability();
 
     if (health.status === "ok") await refreshCollections();
+    if (state.pendingSearch && featurizerReady()) searchByImage();
     if (retry) scheduleHealth(retry);
   }
 
@@ -260,6 +262,9 @@
     const names = state.collections.map((c) => c.name);
     if (names.includes(previous)) select.value = previous;
     else if (names.includes("images")) select.value = "images";
+    else if (state.collections.length) {   // the largest collection is the likeliest to search
+      select.value = state.collections.reduce((a, b) => (b.count > a.count ? b : a)).name;
+    }
 
     const datalist = $("collection-names");
     clear(datalist);
@@ -340,9 +345,12 @@
       return;
     }
     if (!featurizerReady()) {
-      setStatus(status, "The featurizer is not ready yet; try again in a moment.", "error");
+      state.pendingSearch = true;   // refreshHealth runs it once the featurizer is ready
+      status.dataset.sticky = "1";
+      setStatus(status, "The featurizer is still loading: the search runs as soon as it is ready.", "busy");
       return;
     }
+    state.pendingSearch = false;
     const seq = ++state.searchSeq;
     const k = readK();
     const filter = $("search-filter").value.trim();
@@ -702,6 +710,8 @@
       if (!/^\s*(select|with|explain|show|describe|desc)\b/i.test(sql)) refreshCollections();
     } catch (err) {
       setStatus(status, "The query failed.", "error");
+      show($("sql-plan-box"), false);     // no stale results beside the error
+      show($("sql-table-wrap"), false);
       showSqlError(sqlText, err);
     } finally {
       $("sql-run").disabled = false;

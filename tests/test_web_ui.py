@@ -1,0 +1,328 @@
+"""The web page, end to end in a real browser (Debian's chromium driven by Playwright).
+
+`dotsearch serve` runs as a subprocess with real photographs loaded; the page uploads an
+image, shows its neighbours (its own stored copy first), searches "more like this" by SQL,
+runs SQL and shows a broken query's error. Screenshots of every step go to the test's
+output folder; with DOTSEARCH_UPDATE_SCREENSHOTS=1 the main ones are also copied to
+docs/screenshots/ for the README.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+REPO = Path(__file__).resolve().parent.parent
+STATIC = REPO / "service" / "static"
+DOCS_SHOTS = REPO / "docs" / "screenshots"
+COLLECTION = "photos"
+# Stored through the API before the page opens (label each); "camera" goes in through the page.
+STORED = {"astronaut": "person", "coffee": "cup", "chelsea": "cat", "rocket": "rocket",
+          "coins": "coins", "moon": "moon"}
+EVIL = '<img src=x onerror="window.__xss=1">'
+
+sync_api = pytest.importorskip("playwright.sync_api",
+                               reason="the playwright Python package is not installed")
+if not CHROMIUM.exists():
+    pytest.skip(f"no browser: {CHROMIUM} is missing (apt-get install chromium)",
+                allow_module_level=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path) -> dict[str, Any]:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited {proc.returncode}:\n{log.read_text()}")
+        try:
+            health = httpx.get(f"{base}/health", timeout=2).json()
+            if health.get("status") == "ok" and health["featurizer"]["state"] == "ready":
+                return dict(health)
+        except (httpx.HTTPError, KeyError, ValueError):
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"server not ready in 180 s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`dotsearch serve --weights random --backend cpu` on a free port; stopped at the end."""
+    folder = tmp_path_factory.mktemp("web_ui_server")
+    log = folder / "server.log"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DOTSEARCH_")}
+    exe = Path(sys.executable).with_name("dotsearch")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "service.cli"]
+    cmd += ["serve", "--host", "127.0.0.1", "--port", str(port), "--weights", "random",
+            "--backend", "cpu", "--data-dir", str(folder / "data")]
+    with log.open("ab") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, proc, log)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("web_ui_screenshots")
+
+
+@pytest.fixture(scope="module")
+def photo_files(tmp_path_factory: pytest.TempPathFactory, photos: Any, encode: Any
+                ) -> dict[str, Path]:
+    """The photographs as JPEG files, the bytes the page and the API both send."""
+    folder = tmp_path_factory.mktemp("web_ui_photos")
+    out = {}
+    for name in (*STORED, "camera", "page"):
+        path = folder / f"{name}.jpg"
+        path.write_bytes(encode(photos[name], "JPEG", quality=90))
+        out[name] = path
+    return out
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS,
+                              headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def upload(base: str, files: list[Path], labels: list[str]) -> list[int]:
+    parts = [("files", (f.name, f.read_bytes(), "image/jpeg")) for f in files]
+    r = httpx.post(f"{base}/v1/collections/{COLLECTION}/images", files=parts,
+                   data={"labels": labels}, timeout=120)
+    assert r.status_code == 200, r.text
+    return list(r.json()["ids"])
+
+
+def test_static_files_are_served_and_self_contained(server: str) -> None:
+    page = httpx.get(f"{server}/", timeout=10)
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert '<script src="/static/app.js"' in page.text
+    for name, kind in (("app.js", "text/javascript"), ("app.css", "text/css")):
+        r = httpx.get(f"{server}/static/{name}", timeout=10)
+        assert r.status_code == 200 and r.headers["content-type"].startswith(kind)
+    assert httpx.get(f"{server}/static/nothing.js", timeout=10).status_code == 404
+    assert httpx.get(f"{server}/static/..%2Fapp.py", timeout=10).status_code == 404
+    # Nothing from a CDN: the page must work with no internet at all.
+    for path in STATIC.iterdir():
+        text = path.read_text()
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}/", text, re.I), path.name
+    # Server data never goes through innerHTML.
+    script = (STATIC / "app.js").read_text()
+    assert not re.search(r"\.(inner|outer)HTML\s*\+?=|insertAdjacentHTML|document\.write", script)
+
+
+def test_page_end_to_end(server: str, browser: Any, photo_files: dict[str, Path],
+                         shots: Path) -> None:
+    errors: list[str] = []
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    page = context.new_page()
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.set_default_timeout(60_000)
+    saved: list[Path] = []
+
+    def shot(name: str, target: Any = None, **options: Any) -> None:
+        path = shots / f"{len(saved) + 1:02d}_{name}.png"
+        (target or page).screenshot(path=str(path), **options)
+        saved.append(path)
+
+    # 1. A fresh server: the header says what serves it; the empty state is explained.
+    page.goto(f"{server}/")
+    sync_api.expect(page.locator("#info-backend")).to_have_text("cpu")
+    sync_api.expect(page.locator("#info-weights")).to_contain_text("random")
+    sync_api.expect(page.locator("#weights-notice")).to_be_visible()
+    sync_api.expect(page.locator("#weights-notice")).to_contain_text("not pretrained")
+    sync_api.expect(page.locator("#collections-empty")).to_be_visible()
+    sync_api.expect(page.locator("#search-status")).to_contain_text("nothing to search yet")
+    shot("empty", full_page=True)
+
+    # 2. Real photographs stored through the API, then one more through the page's form.
+    ids = dict(zip(STORED, upload(server, [photo_files[n] for n in STORED],
+                                  list(STORED.values())), strict=True))
+    page.reload()
+    chip = page.locator("#collections li", has_text=COLLECTION)
+    sync_api.expect(chip).to_contain_text(f"{len(STORED)} vectors")
+    page.fill("#upload-collection", COLLECTION)
+    page.fill("#upload-label", "camera")
+    page.set_input_files("#upload-files", [str(photo_files["camera"])])
+    page.click("#upload-button")
+    result = page.locator("#upload-results li")
+    sync_api.expect(result).to_have_count(1)
+    sync_api.expect(result).to_contain_text("stored as id")
+    sync_api.expect(result).to_have_class("ok")
+    camera_id = int(re.search(r"stored as id (\d+)", result.inner_text()).group(1))  # type: ignore[union-attr]
+    assert camera_id not in ids.values()
+    sync_api.expect(page.locator("#upload-progress")).to_have_attribute("value", "1")
+    sync_api.expect(chip).to_contain_text(f"{len(STORED) + 1} vectors")
+    # A file that is not an image gets its own reason, and does not stop the others.
+    bad = shots / "notes.txt"
+    bad.write_text("not an image")
+    page.set_input_files("#upload-files", [str(bad)])
+    page.click("#upload-button")
+    sync_api.expect(result).to_have_class("failed")
+    sync_api.expect(result).to_contain_text("not stored")
+    sync_api.expect(page.locator("#upload-status")).to_contain_text("0 of 1 stored")
+    shot("upload", page.locator("#add"))
+
+    # 3. Search by image through the page: the photo's own stored copy comes first.
+    page.select_option("#search-collection", COLLECTION)
+    page.set_input_files("#search-file", str(photo_files["chelsea"]))
+    first = page.locator("#results li button.result").first
+    sync_api.expect(first).to_be_visible()
+    sync_api.expect(page.locator("#results li button.result")).to_have_count(len(STORED) + 1)
+    assert first.get_attribute("data-id") == str(ids["chelsea"])
+    sync_api.expect(first.locator(".result-label")).to_have_text("cat")
+    assert float(first.locator(".result-score").inner_text()) == pytest.approx(1.0, abs=2e-3)
+    scores = [float(s) for s in page.locator("#results .result-score").all_inner_texts()]
+    assert scores == sorted(scores, reverse=True)
+    sync_api.expect(page.locator("#query-caption")).to_contain_text("chelsea.jpg")
+    sync_api.expect(page.locator("#search-status")).to_contain_text(" ms on the server")
+    # Every stored label is a single vote; the tie goes to the closest, the cat itself.
+    sync_api.expect(page.locator("#voted-label")).to_have_text("cat")
+    sync_api.expect(page.locator("#imagenet")).to_be_hidden()  # random weights: no labels
+    page.wait_for_function(
+        "[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+    shot("search", page.locator("#search"))
+
+    # 4. Click a result: "more like this one" with the SQL subquery-by-id form.
+    second = page.locator("#results li button.result").nth(1)
+    second_id = second.get_attribute("data-id")
+    assert second_id is not None and second_id != str(ids["chelsea"])
+    second.click()
+    sync_api.expect(page.locator("#results-title")).to_have_text(f"More like #{second_id}")
+    sync_api.expect(page.locator("#results-sql")).to_contain_text(
+        f"DOT_PRODUCT(feature, (SELECT feature FROM {COLLECTION} WHERE id = {second_id}))")
+    sync_api.expect(page.locator("#results li button.result").first).to_have_attribute(
+        "data-id", second_id)
+    sync_api.expect(page.locator("#results li button.result")).to_have_count(len(STORED) + 1)
+    sync_api.expect(page.locator("#search-status")).to_contain_text("by SQL")
+    page.wait_for_function(
+        "[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+    shot("more_like_this", page.locator("#search"))
+
+    # 5. The SQL console: the example query, run with Ctrl+Enter, as a table.
+    sql = (f"SELECT id, label, DOT_PRODUCT(feature, (SELECT feature FROM {COLLECTION} "
+           f"WHERE id = {ids['coffee']})) AS score FROM {COLLECTION} "
+           f"ORDER BY score DESC LIMIT 4")
+    page.fill("#sql-input", sql)
+    page.focus("#sql-input")
+    page.keyboard.press("Control+Enter")
+    rows = page.locator("#sql-table tbody tr")
+    sync_api.expect(rows).to_have_count(4)
+    headers = page.locator("#sql-table thead th").all_inner_texts()
+    assert [h.split()[0] for h in headers] == ["id", "label", "score"]
+    assert rows.first.locator("td").all_inner_texts()[:2] == [str(ids["coffee"]), "cup"]
+    sync_api.expect(page.locator("#sql-status")).to_contain_text("4 rows in")
+    sync_api.expect(page.locator("#sql-error")).to_be_hidden()
+    shot("sql_table", page.locator("#sql"))
+
+    # 6. EXPLAIN shows the plan instead of a table.
+    page.click("#sql-explain")
+    sync_api.expect(page.locator("#sql-plan-box")).to_be_visible()
+    sync_api.expect(page.locator("#sql-plan")).to_contain_text(f"collection {COLLECTION}")
+    sync_api.expect(page.locator("#sql-table-wrap")).to_be_hidden()
+    shot("sql_explain", page.locator("#sql"))
+
+    # 7. A broken query: the server's message and where it went wrong.
+    page.fill("#sql-input", f"SELECT id, label FROM {COLLECTION} WHERE")
+    page.focus("#sql-input")
+    page.keyboard.press("Control+Enter")
+    sync_api.expect(page.locator("#sql-error")).to_be_visible()
+    sync_api.expect(page.locator("#sql-error-message")).to_contain_text("query_error")
+    sync_api.expect(page.locator("#sql-error-where")).to_contain_text("line 1, column")
+    sync_api.expect(page.locator("#sql-plan-box")).to_be_hidden()
+    page.fill("#sql-input", "SELECT nope FROM photos")
+    page.click("#sql-run")
+    sync_api.expect(page.locator("#sql-error-message")).to_contain_text("nope")
+    shot("sql_error", page.locator("#sql"))
+
+    # 8. Server data is text, never markup: a label that looks like HTML stays a label.
+    upload(server, [photo_files["page"]], [EVIL])
+    page.fill("#sql-input", f"SELECT id, label FROM {COLLECTION} WHERE label LIKE '<img%'")
+    page.click("#sql-run")
+    sync_api.expect(page.locator("#sql-table tbody tr")).to_have_count(1)
+    sync_api.expect(page.locator("#sql-table tbody td").nth(1)).to_have_text(EVIL)
+    assert page.locator("#sql-table img").count() == 0
+    page.click("#search-again")  # image search again: the new photo is among the hits
+    sync_api.expect(page.locator("#results-title")).to_have_text("Most similar")
+    sync_api.expect(page.locator("#results .result-label", has_text=EVIL)).to_have_count(1)
+    n_hits = page.locator("#results li button.result").count()
+    assert page.locator("#results img").count() == n_hits
+    assert page.evaluate("window.__xss") is None
+
+    # 9. A phone-sized screen: one column, nothing wider than the screen.
+    phone = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True,
+                                has_touch=True)
+    small = phone.new_page()
+    small.on("pageerror", lambda exc: errors.append(str(exc)))
+    small.goto(f"{server}/")
+    small.select_option("#search-collection", COLLECTION)
+    small.set_input_files("#search-file", str(photo_files["coffee"]))
+    sync_api.expect(small.locator("#results li button.result").first).to_have_attribute(
+        "data-id", str(ids["coffee"]), timeout=60_000)
+    assert small.evaluate("document.documentElement.scrollWidth") <= 390
+    small.wait_for_function(
+        "[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+    small.locator("#search-status").scroll_into_view_if_needed()
+    shot("phone", small)
+    phone.close()
+
+    # 10. Keyboard: the controls are reachable with Tab and show where the focus is.
+    page.goto(f"{server}/")
+    focused = []
+    for _ in range(12):
+        page.keyboard.press("Tab")
+        focused.append(page.evaluate(
+            "[document.activeElement.tagName, document.activeElement.id, "
+            "getComputedStyle(document.activeElement).outlineStyle]"))
+    ids_reached = [f[1] for f in focused]
+    assert "search-pick" in ids_reached and "search-collection" in ids_reached
+    assert all(f[2] != "none" for f in focused if f[1] in ("search-pick", "search-collection"))
+    context.close()
+
+    assert not errors, errors
+    if os.environ.get("DOTSEARCH_UPDATE_SCREENSHOTS") == "1":
+        DOCS_SHOTS.mkdir(parents=True, exist_ok=True)
+        for path in saved:
+            name = re.sub(r"^\d+_", "", path.name)
+            if name in ("search.png", "more_like_this.png", "upload.png", "sql_table.png",
+                        "sql_error.png", "phone.png"):
+                shutil.copyfile(path, DOCS_SHOTS / f"web_{name}")
+    print(f"screenshots: {shots}")
