@@ -41,9 +41,13 @@ def pack_json(text: str) -> bytes:
 def pack_values(values: Any) -> bytes:
     if not isinstance(values, list) or not values:
         raise ValueError("a vector must be a non-empty JSON array of numbers")
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+    try:
+        arr = np.asarray(values)
+    except (TypeError, ValueError) as exc:
+        raise ValueError("a vector must be a flat array of numbers") from exc
+    if arr.ndim != 1 or arr.dtype.kind not in "fiu":
         raise ValueError("a vector must contain only numbers")
-    arr = np.asarray(values, dtype=np.float64)
+    arr = arr.astype(np.float64)
     if not np.all(np.isfinite(arr)) or np.any(np.abs(arr) > np.finfo(np.float32).max):
         raise ValueError("a vector must not contain NaN or infinity")
     return arr.astype("<f4").tobytes()

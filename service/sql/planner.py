@@ -251,16 +251,31 @@ def _run_driving(select: exp.Select, ctx: Context, driving: Any, mode: str,
         values = values * qnorm
     elif kind == "cos_dist":
         values = 1.0 - values
-    view = ctx.register("cand", {"id": np.asarray(ids, dtype=np.int64), "score": values})
-    score_col = f"__ds_score_{view.rsplit('_', 1)[-1]}"
+    small = not ctx.explain and 0 < len(ids) <= POINT_LOOKUP_MAX
+    score_col = ctx.catalog._storage.unique_name("ds_score")
+    cand: exp.Expr
+    if small:
+        # A few candidates travel as two list parameters: no relation to register.
+        cand = exp.Subquery(
+            this=exp.select(
+                exp.alias_(exp.Anonymous(this="unnest", expressions=[
+                    ctx.bind([int(i) for i in ids])]), "id"),
+                exp.alias_(exp.Anonymous(this="unnest", expressions=[
+                    ctx.bind([float(s) for s in values])]), "score"),
+            ),
+            alias=exp.TableAlias(this=exp.to_identifier("__c")),
+        )
+    else:
+        view = ctx.register("cand", {"id": np.asarray(ids, dtype=np.int64), "score": values})
+        cand = exp.Table(this=exp.to_identifier(view),
+                         alias=exp.TableAlias(this=exp.to_identifier("__c")))
     alias = table.alias_or_name
     inner = (
         exp.select(exp.column(exp.Star(), "__t"),
                    exp.alias_(exp.column("score", "__c"), score_col))
         .from_(exp.Table(this=exp.to_identifier(rec.name, quoted=True),
                          alias=exp.TableAlias(this=exp.to_identifier("__t"))))
-        .join(exp.Table(this=exp.to_identifier(view), alias=exp.TableAlias(
-            this=exp.to_identifier("__c"))), on="__t.id = __c.id")
+        .join(cand, on="__t.id = __c.id")
     )
     if not ctx.explain and len(ids) <= POINT_LOOKUP_MAX:
         # A short id list lets DuckDB use the primary-key index instead of scanning the table.
