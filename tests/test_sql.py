@@ -6,11 +6,12 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from service.collections import Catalog
+from service.collections import Catalog, QueryResult
 from service.errors import Conflict, QueryError
 
 N, D = 300, 16
@@ -68,15 +69,17 @@ def ref_topk(scores: np.ndarray, k: int, higher: bool, mask: np.ndarray | None =
     return ids[order][:k].tolist()
 
 
-def col(result, name: str) -> list:  # type: ignore[no-untyped-def]
+def col(result: QueryResult, name: str) -> list[Any]:
     i = result.columns.index(name)
     return [row[i] for row in result.rows]
 
 
-def test_topk_by_expression_alias_infix_and_params(catalog: Catalog, data) -> None:  # type: ignore[no-untyped-def]
+def test_topk_by_expression_alias_infix_and_params(
+    catalog: Catalog, data: dict[str, np.ndarray]
+) -> None:
     q = data["queries"][0]
     expected = ref_topk(ref_scores(data, q, "dot"), 10, True)
-    queries = [
+    queries: list[tuple[str, Any]] = [
         ("SELECT id FROM features ORDER BY DOT_PRODUCT(feature, :q) DESC LIMIT 10",
          {"q": q.tolist()}),
         ("SELECT id, DOT_PRODUCT(feature, ?) AS score FROM features ORDER BY score DESC LIMIT 10",
@@ -92,13 +95,13 @@ def test_topk_by_expression_alias_infix_and_params(catalog: Catalog, data) -> No
                                atol=1e-5)
 
 
-def test_every_query_vector_form(catalog: Catalog, data) -> None:  # type: ignore[no-untyped-def]
+def test_every_query_vector_form(catalog: Catalog, data: dict[str, np.ndarray]) -> None:
     q = data["queries"][1]
     expected = ref_topk(ref_scores(data, q, "dot"), 5, True)
     text = json.dumps([float(x) for x in q])
     hexed = q.astype("<f4").tobytes().hex()
     base = "SELECT id FROM features ORDER BY DOT_PRODUCT(feature, {}) DESC LIMIT 5"
-    forms = [
+    forms: list[tuple[str, Any]] = [
         (base.format(":q"), {"q": q.tolist()}),
         (base.format(":q"), {"q": text}),
         (base.format(":q"), {"q": q.astype("<f4").tobytes()}),
@@ -113,7 +116,7 @@ def test_every_query_vector_form(catalog: Catalog, data) -> None:  # type: ignor
         assert col(catalog.query(sql, params), "id") == expected, sql[:80]
 
 
-def test_more_like_this_subquery(catalog: Catalog, data) -> None:  # type: ignore[no-untyped-def]
+def test_more_like_this_subquery(catalog: Catalog, data: dict[str, np.ndarray]) -> None:
     res = catalog.query(
         "SELECT id FROM features ORDER BY DOT_PRODUCT(feature, "
         "(SELECT feature FROM features WHERE id = 42)) DESC LIMIT 6"
@@ -124,7 +127,7 @@ def test_more_like_this_subquery(catalog: Catalog, data) -> None:  # type: ignor
                       "(SELECT feature FROM features WHERE id > 5)) DESC LIMIT 6")
 
 
-def test_threshold_strict_and_inclusive(catalog: Catalog, data) -> None:  # type: ignore[no-untyped-def]
+def test_threshold_strict_and_inclusive(catalog: Catalog, data: dict[str, np.ndarray]) -> None:
     q = data["queries"][2].tolist()
     top = catalog.query(
         "SELECT id, DOT_PRODUCT(feature, :q) AS s FROM features ORDER BY s DESC LIMIT 7", {"q": q}
@@ -145,7 +148,7 @@ def test_threshold_strict_and_inclusive(catalog: Catalog, data) -> None:  # type
     assert sorted(col(res, "id")) == np.flatnonzero(ref > 1.5).tolist()
 
 
-def test_l2_distance_shapes(catalog: Catalog, data) -> None:  # type: ignore[no-untyped-def]
+def test_l2_distance_shapes(catalog: Catalog, data: dict[str, np.ndarray]) -> None:
     q = data["queries"][0]
     ref = ref_scores(data, q, "l2")
     for expr in ("EUCLIDEAN_DISTANCE(feature, :q)", "feature <-> :q"):
@@ -160,7 +163,7 @@ def test_l2_distance_shapes(catalog: Catalog, data) -> None:  # type: ignore[no-
         assert sorted(col(res, "id")) == np.flatnonzero(ref < t).tolist()
 
 
-def test_cosine_functions(catalog: Catalog, data) -> None:  # type: ignore[no-untyped-def]
+def test_cosine_functions(catalog: Catalog, data: dict[str, np.ndarray]) -> None:
     q = data["queries"][3]
     sim = ref_scores(data, q, "cos_sim")
     res = catalog.query("SELECT id, COSINE_SIMILARITY(feature, :q) AS s FROM cosfeat "
@@ -179,7 +182,7 @@ def test_cosine_functions(catalog: Catalog, data) -> None:  # type: ignore[no-un
     np.testing.assert_allclose(col(res, "s"), dot[col(res, "id")], rtol=1e-4, atol=1e-5)
 
 
-def test_filtered_topk_is_exact(catalog: Catalog, data) -> None:  # type: ignore[no-untyped-def]
+def test_filtered_topk_is_exact(catalog: Catalog, data: dict[str, np.ndarray]) -> None:
     q = data["queries"][0]
     ref = ref_scores(data, q, "dot")
     mask = (labels() == "bird") & (data["years"] > 2010)
@@ -202,7 +205,7 @@ def test_filtered_topk_is_exact(catalog: Catalog, data) -> None:  # type: ignore
     assert col(res, "id") == ref_topk(ref, 3, True, both)
 
 
-def test_offset_pages_are_stable(catalog: Catalog, data) -> None:  # type: ignore[no-untyped-def]
+def test_offset_pages_are_stable(catalog: Catalog, data: dict[str, np.ndarray]) -> None:
     q = data["queries"][1].tolist()
     pages = []
     for page in range(4):
@@ -212,7 +215,7 @@ def test_offset_pages_are_stable(catalog: Catalog, data) -> None:  # type: ignor
     assert pages == ref_topk(ref_scores(data, data["queries"][1], "dot"), 20, True)
 
 
-def test_knn_vote_and_aggregates(catalog: Catalog, data) -> None:  # type: ignore[no-untyped-def]
+def test_knn_vote_and_aggregates(catalog: Catalog, data: dict[str, np.ndarray]) -> None:
     q = data["queries"][2]
     res = catalog.query(
         "SELECT label, COUNT(*) FROM (SELECT label FROM features "
@@ -230,7 +233,7 @@ def test_knn_vote_and_aggregates(catalog: Catalog, data) -> None:  # type: ignor
         assert best == pytest.approx(ref[sel].max(), rel=1e-5)
 
 
-def test_join_with_another_collection(catalog: Catalog, data) -> None:  # type: ignore[no-untyped-def]
+def test_join_with_another_collection(catalog: Catalog, data: dict[str, np.ndarray]) -> None:
     q = data["queries"][0]
     res = catalog.query(
         "SELECT a.id, b.label FROM features a JOIN l2feat b ON a.id = b.id "
@@ -239,7 +242,7 @@ def test_join_with_another_collection(catalog: Catalog, data) -> None:  # type: 
     assert col(res, "id") == ref_topk(ref_scores(data, q, "dot"), 5, True, mask)
 
 
-def test_general_path_functions(catalog: Catalog, data) -> None:  # type: ignore[no-untyped-def]
+def test_general_path_functions(catalog: Catalog, data: dict[str, np.ndarray]) -> None:
     q = data["queries"][3]
     # EUCLIDEAN_DISTANCE on a dot collection is not an index metric: computed row by row.
     ref = ref_scores(data, q, "l2")
@@ -263,7 +266,7 @@ def test_general_path_functions(catalog: Catalog, data) -> None:  # type: ignore
     assert sorted(col(res, "id")) == sorted(set(np.flatnonzero(dot > 2).tolist()) | {0})
 
 
-def test_explain(catalog: Catalog, data) -> None:  # type: ignore[no-untyped-def]
+def test_explain(catalog: Catalog, data: dict[str, np.ndarray]) -> None:
     res = catalog.query("EXPLAIN SELECT id FROM features WHERE label = 'cat' "
                         "ORDER BY DOT_PRODUCT(feature, :q) DESC LIMIT 10",
                         {"q": data["queries"][0].tolist()})
