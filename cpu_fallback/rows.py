@@ -25,12 +25,16 @@ def prepare_batch(
         raise ValueError(f"got {len(id_array)} ids for {len(matrix)} vectors")
     if metric == "cosine":
         matrix = normalise_rows(matrix, "vectors")
-    with np.errstate(over="ignore"):  # overflow is reported just below
-        stored = matrix.astype(storage)
-    if not np.isfinite(stored).all():
-        raise ValueError(f"vectors overflow {storage.name} (largest magnitude 65504)")
-    last = len(id_array) - 1 - np.unique(id_array[::-1], return_index=True)[1]
-    return id_array[last], stored[last]
+    if storage != matrix.dtype:
+        with np.errstate(over="ignore"):  # overflow is reported just below
+            matrix = matrix.astype(storage)
+        if not np.isfinite(matrix).all():
+            raise ValueError(f"vectors overflow {storage.name} (largest magnitude 65504)")
+    unique, last_reversed = np.unique(id_array[::-1], return_index=True)
+    if len(unique) == len(id_array):  # no duplicates: no copy
+        return id_array, matrix
+    last = len(id_array) - 1 - last_reversed
+    return id_array[last], matrix[last]
 
 
 def prepare_queries(queries: npt.ArrayLike, dim: int, metric: str) -> Scores:
