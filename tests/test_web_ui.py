@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -38,6 +37,8 @@ COLLECTION = "photos"
 STORED = {"astronaut": "person", "coffee": "cup", "chelsea": "cat", "rocket": "rocket",
           "coins": "coins", "moon": "moon"}
 EVIL = '<img src=x onerror="window.__xss=1">'
+THUMBS_LOADED = ("[...document.querySelectorAll('#results img')]"
+                 ".every(i => i.complete && i.naturalWidth > 0)")
 
 sync_api = pytest.importorskip("playwright.sync_api",
                                reason="the playwright Python package is not installed")
@@ -191,6 +192,7 @@ def test_page_end_to_end(server: str, browser: Any, photo_files: dict[str, Path]
     assert camera_id not in ids.values()
     sync_api.expect(page.locator("#upload-progress")).to_have_attribute("value", "1")
     sync_api.expect(chip).to_contain_text(f"{len(STORED) + 1} vectors")
+    shot("upload", page.locator("#add"))
     # A file that is not an image gets its own reason, and does not stop the others.
     bad = shots / "notes.txt"
     bad.write_text("not an image")
@@ -199,7 +201,32 @@ def test_page_end_to_end(server: str, browser: Any, photo_files: dict[str, Path]
     sync_api.expect(result).to_have_class("failed")
     sync_api.expect(result).to_contain_text("not stored")
     sync_api.expect(page.locator("#upload-status")).to_contain_text("0 of 1 stored")
-    shot("upload", page.locator("#add"))
+    shot("upload_failed", page.locator("#add"))
+
+    # 2b. A server that cannot be reached, then one whose featurizer is still loading:
+    # the page says so, keeps retrying /health, and runs a search chosen meanwhile.
+    page.route("**/health", lambda route: route.abort())
+    page.reload()
+    sync_api.expect(page.locator("#server-banner")).to_contain_text("Cannot reach")
+    shot("unreachable", full_page=False)
+
+    def loading(route: Any) -> None:
+        body = route.fetch().json()
+        body["featurizer"] = {"state": "loading"}
+        route.fulfill(json=body)
+
+    page.unroute("**/health")
+    page.route("**/health", loading)
+    sync_api.expect(page.locator("#server-banner")).to_contain_text("still loading",
+                                                                    timeout=10_000)
+    page.select_option("#search-collection", COLLECTION)
+    page.set_input_files("#search-file", str(photo_files["rocket"]))
+    sync_api.expect(page.locator("#search-status")).to_contain_text("runs as soon as")
+    assert page.locator("#results li").count() == 0
+    page.unroute("**/health")
+    sync_api.expect(page.locator("#server-banner")).to_be_hidden(timeout=10_000)
+    sync_api.expect(page.locator("#results li button.result").first).to_have_attribute(
+        "data-id", str(ids["rocket"]))
 
     # 3. Search by image through the page: the photo's own stored copy comes first.
     page.select_option("#search-collection", COLLECTION)
@@ -217,8 +244,7 @@ def test_page_end_to_end(server: str, browser: Any, photo_files: dict[str, Path]
     # Every stored label is a single vote; the tie goes to the closest, the cat itself.
     sync_api.expect(page.locator("#voted-label")).to_have_text("cat")
     sync_api.expect(page.locator("#imagenet")).to_be_hidden()  # random weights: no labels
-    page.wait_for_function(
-        "[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+    page.wait_for_function(THUMBS_LOADED)
     shot("search", page.locator("#search"))
 
     # 4. Click a result: "more like this one" with the SQL subquery-by-id form.
@@ -233,8 +259,7 @@ def test_page_end_to_end(server: str, browser: Any, photo_files: dict[str, Path]
         "data-id", second_id)
     sync_api.expect(page.locator("#results li button.result")).to_have_count(len(STORED) + 1)
     sync_api.expect(page.locator("#search-status")).to_contain_text("by SQL")
-    page.wait_for_function(
-        "[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+    page.wait_for_function(THUMBS_LOADED)
     shot("more_like_this", page.locator("#search"))
 
     # 5. The SQL console: the example query, run with Ctrl+Enter, as a table.
@@ -273,7 +298,24 @@ def test_page_end_to_end(server: str, browser: Any, photo_files: dict[str, Path]
     sync_api.expect(page.locator("#sql-error-message")).to_contain_text("nope")
     shot("sql_error", page.locator("#sql"))
 
-    # 8. Server data is text, never markup: a label that looks like HTML stays a label.
+    # 8. A phone-sized screen: one column, nothing wider than the screen.
+    phone = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True,
+                                has_touch=True)
+    small = phone.new_page()
+    small.on("pageerror", lambda exc: errors.append(str(exc)))
+    small.goto(f"{server}/")
+    small.select_option("#search-collection", COLLECTION)
+    small.set_input_files("#search-file", str(photo_files["coffee"]))
+    sync_api.expect(small.locator("#results li button.result").first).to_have_attribute(
+        "data-id", str(ids["coffee"]), timeout=60_000)
+    assert small.evaluate("document.documentElement.scrollWidth") <= 390
+    small.wait_for_function(THUMBS_LOADED)
+    sync_api.expect(small.locator("#voted-label")).to_have_text("cup")
+    small.locator("#query-caption").evaluate("e => e.scrollIntoView()")
+    shot("phone", small)
+    phone.close()
+
+    # 9. Server data is text, never markup: a label that looks like HTML stays a label.
     upload(server, [photo_files["page"]], [EVIL])
     page.fill("#sql-input", f"SELECT id, label FROM {COLLECTION} WHERE label LIKE '<img%'")
     page.click("#sql-run")
@@ -286,23 +328,6 @@ def test_page_end_to_end(server: str, browser: Any, photo_files: dict[str, Path]
     n_hits = page.locator("#results li button.result").count()
     assert page.locator("#results img").count() == n_hits
     assert page.evaluate("window.__xss") is None
-
-    # 9. A phone-sized screen: one column, nothing wider than the screen.
-    phone = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True,
-                                has_touch=True)
-    small = phone.new_page()
-    small.on("pageerror", lambda exc: errors.append(str(exc)))
-    small.goto(f"{server}/")
-    small.select_option("#search-collection", COLLECTION)
-    small.set_input_files("#search-file", str(photo_files["coffee"]))
-    sync_api.expect(small.locator("#results li button.result").first).to_have_attribute(
-        "data-id", str(ids["coffee"]), timeout=60_000)
-    assert small.evaluate("document.documentElement.scrollWidth") <= 390
-    small.wait_for_function(
-        "[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
-    small.locator("#search-status").scroll_into_view_if_needed()
-    shot("phone", small)
-    phone.close()
 
     # 10. Keyboard: the controls are reachable with Tab and show where the focus is.
     page.goto(f"{server}/")
@@ -319,10 +344,15 @@ def test_page_end_to_end(server: str, browser: Any, photo_files: dict[str, Path]
 
     assert not errors, errors
     if os.environ.get("DOTSEARCH_UPDATE_SCREENSHOTS") == "1":
+        from PIL import Image
+
         DOCS_SHOTS.mkdir(parents=True, exist_ok=True)
         for path in saved:
             name = re.sub(r"^\d+_", "", path.name)
             if name in ("search.png", "more_like_this.png", "upload.png", "sql_table.png",
-                        "sql_error.png", "phone.png"):
-                shutil.copyfile(path, DOCS_SHOTS / f"web_{name}")
+                        "sql_explain.png", "sql_error.png", "phone.png"):
+                # 256 colours: a fraction of the size, still sharp enough for a README.
+                with Image.open(path) as img:
+                    small_png = img.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE)
+                small_png.save(DOCS_SHOTS / f"web_{name}", optimize=True)
     print(f"screenshots: {shots}")
