@@ -56,6 +56,11 @@ def cpu_headlines(report: Report, n: int, dim: int, batch: int = 256, k: int = 1
                    value=scan / 1e9, unit="GB/s", detail=f"{single.median_s * 1e3:.2f} ms")
     report.add_ratio(suite, "CPU single-query scan / memory bandwidth", scan / bandwidth, 0.85,
                      detail=f"{scan / 1e9:.1f} / {bandwidth / 1e9:.1f} GB/s")
+    gemv = measure(lambda q: vectors @ q, list(singles), budget_s=3.0)
+    report.add_row(suite, measure="numpy X @ q alone (GEMV, no top-k), same matrix",
+                   value=vectors.nbytes / gemv.median_s / 1e9, unit="GB/s",
+                   detail=f"{vectors.nbytes / gemv.median_s / bandwidth:.2f} of bandwidth: "
+                          "what plain BLAS reaches here")
     ours = measure(lambda b: index.search(b, k), batches, budget_s=8.0)
     flat = faiss.IndexFlatIP(dim)
     flat.add(vectors)
