@@ -36,6 +36,9 @@ class _Group:
 class SearchBatcher:
     """Collects searches that share (collection, filter, threshold, dim) for ``window_s``.
 
+    While no engine call for the same key is running, a new group is flushed at the next
+    turn of the event loop (an idle server adds no wait; requests that arrived in the same
+    turn still merge). While one is running, a group waits ``window_s`` for company.
     When the window closes, or ``max_batch`` query rows are waiting, the group runs as one
     ``search_fn`` call in a worker thread with k = max(k + offset) over the group; each
     request gets its own rows, sliced to its own offset and k. If a merged call fails,
@@ -49,6 +52,7 @@ class SearchBatcher:
         self.max_batch = max_batch
         self.on_batch = on_batch  # (requests, query rows) per engine call, for metrics
         self._groups: dict[BatchKey, _Group] = {}
+        self._running: dict[BatchKey, int] = {}
 
     async def search(self, collection: str, queries: npt.NDArray[np.float32], k: int, *,
                      threshold: float | None = None, filter: str | None = None,
@@ -63,7 +67,8 @@ class SearchBatcher:
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = _Group()
-            group.timer = loop.call_later(self.window_s, self._flush, key)
+            wait = self.window_s if self._running.get(key, 0) else 0.0
+            group.timer = loop.call_later(wait, self._flush, key)
         group.requests.append(request)
         group.rows += len(queries)
         if group.rows >= self.max_batch:
@@ -85,6 +90,7 @@ class SearchBatcher:
         k_total = max(r.k + r.offset for r in requests)
         if self.on_batch is not None:
             self.on_batch(len(requests), len(queries))
+        self._running[key] = self._running.get(key, 0) + 1
         try:
             hits = await asyncio.to_thread(self.search_fn, collection, queries, k_total,
                                            threshold, filter_)
@@ -94,6 +100,10 @@ class SearchBatcher:
                 return
             await asyncio.gather(*(self._run(key, [r]) for r in requests))
             return
+        finally:
+            self._running[key] -= 1
+            if not self._running[key]:
+                del self._running[key]
         start = 0
         for request in requests:
             rows = hits[start:start + len(request.queries)]

@@ -111,3 +111,28 @@ def test_queries_must_be_2d():
         await SearchBatcher(Recorder()).search("c", np.ones(4, np.float32), 1)
     with pytest.raises(ValueError, match="2-d"):
         run(main())
+
+
+def test_idle_server_does_not_wait_busy_server_batches():
+    import time
+
+    calls: list[int] = []
+
+    def slow_engine(name, queries, k, threshold, filter_):
+        calls.append(len(queries))
+        time.sleep(0.2)
+        return [[(float(q[0]), 0)] for q in queries]
+
+    async def main():
+        batcher = SearchBatcher(slow_engine, window_s=0.05)
+        q = np.ones((1, 4), np.float32)
+        start = time.perf_counter()
+        first = asyncio.create_task(batcher.search("a", q, 1))
+        await asyncio.sleep(0.05)  # the first call is now running in its thread
+        assert calls == [1] and time.perf_counter() - start < 0.15  # it did not wait
+        rest = [asyncio.create_task(batcher.search("a", q * i, 1)) for i in range(2, 5)]
+        await asyncio.gather(first, *rest)
+        return [r.result()[0][0][0] for r in rest]
+
+    assert run(main()) == [2.0, 3.0, 4.0]
+    assert calls == [1, 3]  # the three that came while the engine was busy shared one call
