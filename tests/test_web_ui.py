@@ -277,13 +277,22 @@ def test_page_end_to_end(server: str, browser: Any, photo_files: dict[str, Path]
     sync_api.expect(page.locator("#sql-status")).to_contain_text("4 rows in")
     sync_api.expect(page.locator("#sql-error")).to_be_hidden()
     shot("sql_table", page.locator("#sql"))
-
     # 6. EXPLAIN shows the plan instead of a table.
     page.click("#sql-explain")
     sync_api.expect(page.locator("#sql-plan-box")).to_be_visible()
     sync_api.expect(page.locator("#sql-plan")).to_contain_text(f"collection {COLLECTION}")
     sync_api.expect(page.locator("#sql-table-wrap")).to_be_hidden()
     shot("sql_explain", page.locator("#sql"))
+
+    # A big answer is counted in full but only its first 1000 rows are drawn.
+    n = len(STORED) + 1
+    page.fill("#sql-input", f"SELECT a.id, b.id AS b, c.id AS c, d.id AS d FROM {COLLECTION} a, "
+                            f"{COLLECTION} b, {COLLECTION} c, {COLLECTION} d")
+    page.click("#sql-run")
+    sync_api.expect(page.locator("#sql-status")).to_contain_text(
+        f"{n ** 4} rows in", timeout=30_000)
+    sync_api.expect(page.locator("#sql-status")).to_contain_text("first 1000 shown")
+    sync_api.expect(rows).to_have_count(1000)
 
     # 7. A broken query: the server's message and where it went wrong.
     page.fill("#sql-input", f"SELECT id, label FROM {COLLECTION} WHERE")

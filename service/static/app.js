@@ -7,6 +7,7 @@
 
 (() => {
   const NAME_RE = /^[A-Za-z_][A-Za-z0-9_]{0,62}$/;
+  const MAX_TABLE_ROWS = 1000;   // a bigger answer is counted, not drawn
   const $ = (id) => document.getElementById(id);
 
   const state = {
@@ -672,7 +673,7 @@
         types[i] ? el("span", { class: "type", text: types[i] }) : null));
     });
     thead.append(headRow);
-    for (const row of result.rows || []) {
+    for (const row of (result.rows || []).slice(0, MAX_TABLE_ROWS)) {
       const tr = el("tr");
       for (const value of row) {
         const { text, cls } = cellText(value);
@@ -706,7 +707,8 @@
         renderTable(result);
       }
       const n = (result.rows || []).length;
-      setStatus(status, `${plan ? "Plan" : `${n} ${n === 1 ? "row" : "rows"}`} in ${fmtMs(result.took_ms)} on the server (${fmtMs(performance.now() - started)} round trip).`);
+      const shown = n > MAX_TABLE_ROWS ? ` (the first ${MAX_TABLE_ROWS} shown; add a LIMIT)` : "";
+      setStatus(status, `${plan ? "Plan" : `${n} ${n === 1 ? "row" : "rows"}`} in ${fmtMs(result.took_ms)} on the server (${fmtMs(performance.now() - started)} round trip)${plan ? "" : shown}.`);
       if (!/^\s*(select|with|explain|show|describe|desc)\b/i.test(sql)) refreshCollections();
     } catch (err) {
       setStatus(status, "The query failed.", "error");
