@@ -14,6 +14,7 @@ import numpy.typing as npt
 import torch
 from PIL import Image
 from torchvision.models import Inception3, Inception_V3_Weights, inception_v3
+from torchvision.transforms.functional import pil_to_tensor
 
 log = logging.getLogger("dotsearch.featurizer")
 
@@ -180,8 +181,19 @@ class Featurizer:
                 "warning": self.warning}
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """RGB PIL images -> (n, 3, 299, 299) float tensor with ImageNet normalisation."""
-        return torch.stack([self.transform(img.convert("RGB")) for img in images])
+        """RGB PIL images -> (n, 3, 299, 299) float tensor on the model's device.
+
+        torchvision's Inception transform (resize 342 antialiased, centre crop 299, ImageNet
+        normalisation). On a GPU the pixels travel as uint8 and are resized there, so the
+        CPU only decodes; on the CPU this is exactly ``transform(image)``.
+        """
+        tensors = []
+        for img in images:
+            pixels = pil_to_tensor(img.convert("RGB"))
+            if self.device.type != "cpu":
+                pixels = pixels.to(self.device, non_blocking=True).float().div_(255.0)
+            tensors.append(self.transform(pixels))
+        return torch.stack(tensors)
 
     def _run(self, images: Sequence[Image.Image], top: int
              ) -> tuple[npt.NDArray[np.float32], list[list[Label]]]:
@@ -195,7 +207,7 @@ class Featurizer:
                 pooled = self.model(batch)
                 if top and self.pretrained:
                     assert self.classifier is not None and self.categories is not None
-                    probs = torch.softmax(self.classifier(pooled).float(), dim=1)
+                    probs = torch.softmax(self.classifier(pooled.float()), dim=1)
                     values, indices = probs.topk(top, dim=1)
                     for row_v, row_i in zip(values.tolist(), indices.tolist(), strict=True):
                         labels.append([Label(self.categories[i], i, round(v, 6))
