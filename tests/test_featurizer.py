@@ -115,3 +115,14 @@ def test_auto_falls_back_to_random_loudly(monkeypatch, caplog):
 def test_grayscale_and_tiny_images(featurizer):
     tiny = Image.new("L", (5, 3), 128)
     assert featurizer.featurize([tiny]).shape == (1, 2048)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
+def test_gpu_half_precision_agrees_with_cpu(featurizer, photos):
+    gpu = Featurizer("random", device="cuda", batch_size=4)
+    assert gpu.half and gpu.info()["precision"] == "float16"
+    imgs = list(photos.values())[:4]
+    on_gpu, on_cpu = gpu.featurize(imgs), featurizer.featurize(imgs)
+    assert np.isfinite(on_gpu).all()
+    assert (np.sum(on_gpu * on_cpu, axis=1) > 0.99).all()
