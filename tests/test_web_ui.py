@@ -245,6 +245,7 @@ def test_page_end_to_end(server: str, browser: Any, photo_files: dict[str, Path]
     sync_api.expect(page.locator("#voted-label")).to_have_text("cat")
     sync_api.expect(page.locator("#imagenet")).to_be_hidden()  # random weights: no labels
     page.wait_for_function(THUMBS_LOADED)
+    assert page.locator("#results img").count() == len(STORED) + 1  # thumbnails, no placeholder
     shot("search", page.locator("#search"))
 
     # 4. Click a result: "more like this one" with the SQL subquery-by-id form.
@@ -261,6 +262,31 @@ def test_page_end_to_end(server: str, browser: Any, photo_files: dict[str, Path]
     sync_api.expect(page.locator("#search-status")).to_contain_text("by SQL")
     page.wait_for_function(THUMBS_LOADED)
     shot("more_like_this", page.locator("#search"))
+
+    # 4b. With pretrained weights the page also shows the ImageNet labels. No pretrained
+    # weights can be downloaded here, so /health and /v1/featurize are answered by the test
+    # (the search itself is real); this checks the page's side of the contract.
+    def pretrained(route: Any) -> None:
+        body = route.fetch().json()
+        body["featurizer"].update(weights="imagenet", pretrained=True)
+        route.fulfill(json=body)
+
+    page.route("**/health", pretrained)
+    page.route("**/v1/featurize", lambda route: route.fulfill(json={
+        "vector": [0.0], "dim": 1, "weights": "imagenet", "took_ms": 1.0,
+        "labels": [{"label": "tabby cat", "index": 281, "probability": 0.61},
+                   {"label": "<b>tiger cat</b>", "index": 282, "probability": 0.2}]}))
+    page.reload()
+    sync_api.expect(page.locator("#info-weights")).to_contain_text("imagenet (pretrained)")
+    sync_api.expect(page.locator("#weights-notice")).to_be_hidden()
+    page.select_option("#search-collection", COLLECTION)
+    page.set_input_files("#search-file", str(photo_files["chelsea"]))
+    labels = page.locator("#imagenet-labels li")
+    sync_api.expect(labels).to_have_count(2)
+    sync_api.expect(labels.first).to_have_text("tabby cat 61.0%")
+    sync_api.expect(labels.nth(1)).to_contain_text("<b>tiger cat</b>")
+    page.unroute("**/health")
+    page.unroute("**/v1/featurize")
 
     # 5. The SQL console: the example query, run with Ctrl+Enter, as a table.
     sql = (f"SELECT id, label, DOT_PRODUCT(feature, (SELECT feature FROM {COLLECTION} "
