@@ -24,7 +24,7 @@ from cpu_fallback.validation import check_config, check_k, check_threshold
 # enough to stay near the cache.
 TILE_BYTES = 16 << 20
 # Storage grows by whole blocks of about this many bytes: growth never copies the index.
-BLOCK_BYTES = 64 << 20
+BLOCK_BYTES = 256 << 20
 # Below this allowed fraction a block's allowed rows are gathered; above it, masked.
 GATHER_FRACTION = 0.5
 

@@ -25,6 +25,8 @@ from cpu_fallback.validation import check_config, check_k, check_threshold
 from gpu.device import CudaOps
 
 BLOCK_BYTES = 256 << 20
+# The first block starts this small and grows to a full block by doubling.
+MIN_BLOCK_ROWS = 1024
 SCRATCH_BYTES = 1 << 30
 GATHER_FRACTION = 0.5
 # Scratch per score: the float32 score, the comparison mask, top-k's own buffers.
@@ -189,7 +191,7 @@ class GpuIndex:
 
     def memory_info(self) -> dict[str, Any]:
         row_bytes = self.dim * self._storage.itemsize
-        capacity = len(self._blocks) * self._block_rows
+        capacity = sum(len(block) for block in self._blocks)
         return {
             "backend": self.backend,
             "device": self._ops.name,
@@ -292,11 +294,27 @@ class GpuIndex:
         return values, top_ids
 
     def _reserve(self, rows: int) -> None:
+        """Room for ``rows`` rows. Every block but the last holds block_rows; the last one
+        grows by doubling, so a small collection does not pin a whole block of device
+        memory and growth copies at most one block."""
         xp = self._xp
-        while len(self._blocks) * self._block_rows < rows:
-            self._blocks.append(xp.empty((self._block_rows, self.dim), dtype=self._storage))
-            self._block_ids.append(xp.full(self._block_rows, -1, dtype=np.int64))
-            self._block_sq_norms.append(xp.zeros(self._block_rows, dtype=np.float32))
+        while sum(len(block) for block in self._blocks) < rows:
+            last = self._blocks[-1] if self._blocks else None
+            if last is not None and len(last) < self._block_rows:
+                need = rows - (len(self._blocks) - 1) * self._block_rows
+                size = min(self._block_rows, max(need, 2 * len(last)))
+                grown = (xp.empty((size, self.dim), dtype=self._storage),
+                         xp.full(size, -1, dtype=np.int64), xp.zeros(size, dtype=np.float32))
+                for new, old in zip(grown, (last, self._block_ids[-1], self._block_sq_norms[-1]),
+                                    strict=True):
+                    new[: len(old)] = old
+                self._blocks[-1], self._block_ids[-1], self._block_sq_norms[-1] = grown
+            else:
+                need = rows - len(self._blocks) * self._block_rows
+                size = min(self._block_rows, max(need, MIN_BLOCK_ROWS))
+                self._blocks.append(xp.empty((size, self.dim), dtype=self._storage))
+                self._block_ids.append(xp.full(size, -1, dtype=np.int64))
+                self._block_sq_norms.append(xp.zeros(size, dtype=np.float32))
 
     def _write_rows(self, positions: np.ndarray, ids: np.ndarray, device_rows: Any) -> None:
         to_device = self._ops.to_device

@@ -288,3 +288,16 @@ def test_small_scratch_budget_gives_the_same_answers(make, metric):
     full = large.range_search(queries, 0.0 if metric != "l2" else 6.0, max_results=50)
     for a, b in zip(capped, full, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_growth_keeps_every_row(make):
+    """Batches that cross and fill blocks (the GPU's last block grows by doubling)."""
+    rng = np.random.default_rng()
+    index = make(5, "l2", block_rows=3000)
+    vectors = rng.standard_normal((7000, 5)).astype(np.float32)
+    for lo, hi in ((0, 1), (1, 900), (900, 2500), (2500, 7000)):
+        index.add(np.arange(lo, hi), vectors[lo:hi])
+        np.testing.assert_array_equal(index.get(np.arange(hi)), vectors[:hi])
+    assert index.memory_info()["capacity_rows"] >= 7000
+    _, ids = index.search(vectors[6999:], 1)
+    assert ids[0, 0] == 6999
