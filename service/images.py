@@ -70,8 +70,12 @@ def decode_image(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PayloadTooLarge(f"{name}: decompression bomb refused ({exc})") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise UnsupportedMediaType(f"{name}: not a readable image ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise UnsupportedMediaType(
+            f"{name}: not an image in a known format (expected JPEG, PNG, WebP, GIF or BMP)"
+        ) from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise UnsupportedMediaType(f"{name}: image data is truncated or corrupt") from exc
 
 
 def thumbnail_jpeg(img: Image.Image, size: int = 128, quality: int = 80) -> bytes:

@@ -117,6 +117,7 @@ def test_bad_images_over_http(client, encode):
     r = client.post("/v1/featurize", files={"file": ("cat.jpg", b"hello, not an image",
                                                       "image/jpeg")})
     assert r.status_code == 415 and r.json()["error"] == "unsupported_media_type"
+    assert "known format" in r.json()["message"] and " at 0x" not in r.json()["message"]
     bomb = encode(Image.new("1", (3000, 3000)), "PNG")  # over this app's 2 M pixel limit
     r = client.post("/v1/featurize", files={"file": ("bomb.png", bomb, "image/png")})
     assert r.status_code == 413 and r.json()["error"] == "payload_too_large"
@@ -124,6 +125,10 @@ def test_bad_images_over_http(client, encode):
                     files=[("files", ("a.jpg", b"junk", "image/jpeg"))])
     assert r.status_code == 415
     assert client.get("/v1/collections/pics").json()["count"] == 4  # nothing written
+    r = client.post("/v1/collections/fresh/images",
+                    files=[("files", ("a.jpg", b"junk", "image/jpeg"))])
+    assert r.status_code == 415
+    assert client.get("/v1/collections/fresh").status_code == 404  # not created either
     r = client.post("/v1/featurize")
     assert r.status_code == 422 and r.json()["error"] == "invalid_input"
 
@@ -147,7 +152,12 @@ def test_upload_with_explicit_ids_replaces(client, small):
     r = client.get("/v1/query", params={"q": "SELECT id FROM pics WHERE label = 'drink' "
                                               "ORDER BY id"})
     assert r.json()["rows"] == [[1], [100]]
-    client.request("DELETE", "/v1/collections/pics/vectors", json={"ids": [100]})
+    # a repeated field is taken whole: a label may hold a comma
+    r = client.post("/v1/collections/pics/images", files=files,
+                    data={"ids": ["101"], "labels": ["coffee, black"]})
+    assert client.get("/v1/collections/pics/vectors/101").json()["metadata"]["label"] == \
+        "coffee, black"
+    client.request("DELETE", "/v1/collections/pics/vectors", json={"ids": [100, 101]})
 
 
 def test_oversized_image_is_413(tmp_path, featurizer, small):

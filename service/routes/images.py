@@ -24,12 +24,13 @@ router = APIRouter(prefix="/v1/collections/{name}", tags=["images"], responses=E
 IMAGE_COLUMNS = {"label": "VARCHAR", "filename": "VARCHAR"}
 
 
-def split_values(values: list[str] | None) -> list[str]:
-    """Repeated form fields, or one comma-separated value, -> a flat list."""
-    out: list[str] = []
-    for value in values or []:
-        out.extend(p.strip() for p in value.split(","))
-    return [p for p in out if p != ""]
+def split_values(values: list[str] | None, count: int) -> list[str]:
+    """One value per file: repeated form fields as given (a value may hold a comma), or
+    one comma-separated value for several files."""
+    values = [v for v in values or [] if v.strip() != ""]
+    if len(values) == 1 and count > 1:
+        values = [p.strip() for p in values[0].split(",") if p.strip() != ""]
+    return [v.strip() for v in values]
 
 
 async def read_upload(upload: UploadFile, limit: int) -> bytes:
@@ -97,20 +98,23 @@ async def upload_images(name: str, services: ServicesDep,
     """
     start = time.perf_counter()
     catalog = services.need_catalog()
-    info = await _image_collection(services, name)
-    id_list = split_values(ids)
-    label_list = split_values(labels)
+    services.need_featurizer()
+    id_list = split_values(ids, len(files))
+    label_list = split_values(labels, len(files))
     if id_list and len(id_list) != len(files):
         raise InvalidInput(f"{len(id_list)} ids for {len(files)} files")
     if label_list and len(label_list) != len(files):
         raise InvalidInput(f"{len(label_list)} labels for {len(files)} files")
-    if label_list and "label" not in info.columns:
-        raise InvalidInput(f"collection {name!r} has no 'label' column")
     try:
         id_arr = np.array([int(i) for i in id_list], dtype=np.int64) if id_list else None
     except ValueError as exc:
         raise InvalidInput(f"ids must be integers: {exc}") from exc
+    # Everything is checked and featurized before the collection may be created, so a
+    # refused upload leaves nothing behind.
     vectors, _, images = await featurize_uploads(services, files)
+    info = await _image_collection(services, name)
+    if label_list and "label" not in info.columns:
+        raise InvalidInput(f"collection {name!r} has no 'label' column")
     metadata: list[dict[str, Any]] = [{} for _ in files]
     for i, upload in enumerate(files):
         if label_list:
