@@ -60,7 +60,7 @@ def main() -> None:
     data_dir, start = sys.argv[1], int(sys.argv[2])
     cat = Catalog(data_dir, backend="cpu")
     if not any(c.name == "dur" for c in cat.list_collections()):
-        cat.create_collection("dur", DIM, "dot", columns={"batch": "BIGINT", "tag": "TEXT",
+        cat.create_collection("dur", DIM, "l2", columns={"batch": "BIGINT", "tag": "TEXT",
                                                           "x": "DOUBLE"})
     print("ready", flush=True)
     b = start

@@ -73,7 +73,7 @@ def _check(data_dir: Path, last_acked: int) -> int:
             vec, meta0 = cat.get_vector("dur", 0)
             np.testing.assert_array_equal(vec, vectors[0])
             assert meta0 == meta[0]
-            hits = cat.search("dur", vectors[5], 1)
+            hits = cat.search("dur", vectors[5], 1)  # l2: a vector is its own nearest
             assert hits[0][0].id == present * BATCH + 5
             assert cat.get_collection("dur").count == len(stored)
         return present + 1
