@@ -16,8 +16,10 @@ GROUP = 64
 def top_k_exact(keys: Keys, ids: Ids, k: int) -> tuple[Keys, Ids]:
     """The k best columns of each row of ``keys`` (r, c), as (keys, ids) of shape (r, k').
 
-    ``ids`` is (c,) shared by every row or (r, c). k' = min(k, c). The set is exact under
-    (key desc, id asc) -- ties at the boundary go to the smaller id -- but unordered.
+    ``keys`` may be C-ordered or the transpose of a C-ordered (c, r) array (the layout a
+    GEMM of rows by queries writes). ``ids`` is (c,) shared by every row or (r, c).
+    k' = min(k, c). The set is exact under (key desc, id asc) -- ties at the boundary go
+    to the smaller id -- but unordered.
     Columns holding -inf are padding and may appear when a row has fewer than k others.
     """
     rows, cols = keys.shape
@@ -35,25 +37,39 @@ def top_k_exact(keys: Keys, ids: Ids, k: int) -> tuple[Keys, Ids]:
 def _narrow_by_group_max(keys: Keys, ids: Ids, k: int) -> tuple[Keys, Ids] | None:
     """Candidates that can be in the top k, packed (r, width) with -inf padding.
 
-    The k-th largest of the rows' group maxima is a lower bound on the k-th largest key
-    (k groups each hold a key at least that large), so only keys at or above it survive:
-    one max pass and one compare pass instead of a selection over every column.
+    The k-th largest of a row's group maxima is a lower bound on its k-th largest key
+    (k groups each hold a key at least that large), and only groups whose maximum
+    reaches it can hold candidates: one max pass over the keys, then work on a handful
+    of groups instead of a selection over every column.
     Returns None when too many survive (heavy ties) to be worth it.
     """
     rows, cols = keys.shape
     usable = cols // GROUP * GROUP
-    group_max = keys[:, :usable].reshape(rows, -1, GROUP).max(axis=2)
+    if keys.T.flags.c_contiguous and not keys.flags.c_contiguous:
+        # keys is the transpose of a (cols, rows) array: reduce along that array's rows.
+        group_max = keys.T[:usable].reshape(-1, GROUP, rows).max(axis=1).T
+    else:
+        group_max = keys[:, :usable].reshape(rows, -1, GROUP).max(axis=2)
     n_groups = group_max.shape[1]
     bound = np.partition(group_max, n_groups - k, axis=1)[:, n_groups - k]
-    hit_rows, hit_cols = np.nonzero(keys >= bound[:, None])
+    group_rows, groups = np.nonzero(group_max >= bound[:, None])
+    if len(group_rows) > rows * n_groups // 4:
+        return None
+    # Every column of the chosen groups, plus the ragged tail past the last whole group.
+    cand_rows = np.concatenate([np.repeat(group_rows, GROUP),
+                                np.repeat(np.arange(rows), cols - usable)])
+    cand_cols = np.concatenate([(groups[:, None] * GROUP + np.arange(GROUP)).ravel(),
+                                np.tile(np.arange(usable, cols), rows)])
+    cand_keys = keys[cand_rows, cand_cols]
+    hit = cand_keys >= bound[cand_rows]
+    order = np.flatnonzero(hit)[np.argsort(cand_rows[hit], kind="stable")]
+    hit_rows, hit_cols, hit_keys = cand_rows[order], cand_cols[order], cand_keys[order]
     counts = np.bincount(hit_rows, minlength=rows)
     width = int(counts.max())
-    if width > cols // 4:
-        return None
     slots = np.arange(len(hit_rows)) - np.repeat(np.cumsum(counts) - counts, counts)
     packed_keys = np.full((rows, width), -np.inf, keys.dtype)
     packed_ids = np.full((rows, width), -1, np.int64)
-    packed_keys[hit_rows, slots] = keys[hit_rows, hit_cols]
+    packed_keys[hit_rows, slots] = hit_keys
     packed_ids[hit_rows, slots] = ids[hit_cols] if ids.ndim == 1 else ids[hit_rows, hit_cols]
     return packed_keys, packed_ids
 
