@@ -10,7 +10,7 @@ import platform
 import re
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -91,6 +91,41 @@ def measure(
         sync()
         samples.append((time.perf_counter() - start) / number)
     return Timing(statistics.median(samples), min(samples), repeats, number)
+
+
+def measure_interleaved(
+    fns: Mapping[str, Callable[[T], object]],
+    inputs: Sequence[T],
+    *,
+    rounds: int = 9,
+    warmup: int = 1,
+    settle: int = 1,
+    sync: Callable[[], None] | None = None,
+) -> dict[str, Timing]:
+    """Time several systems side by side: every round times each one once, in a rotating
+    order and on rotating inputs, so a machine that speeds up or slows down during the run
+    (a shared box) moves all of them alike. The median per system is the answer.
+
+    Before each timed call the system runs ``settle`` untimed calls: BLAS and OpenMP
+    worker threads keep spinning for a while after a call, and would otherwise slow down
+    whichever system runs next."""
+    sync = sync or _no_sync
+    names = list(fns)
+    for name in names:
+        for i in range(max(warmup, 0)):
+            fns[name](inputs[i % len(inputs)])
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for j in range(len(names)):
+            name = names[(r + j) % len(names)]
+            for _ in range(settle):
+                fns[name](inputs[r % len(inputs)])
+            sync()
+            start = time.perf_counter()
+            fns[name](inputs[r % len(inputs)])
+            sync()
+            samples[name].append(time.perf_counter() - start)
+    return {name: Timing(statistics.median(t), min(t), rounds, 1) for name, t in samples.items()}
 
 
 def latencies(

@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from bench.harness import Report, gpu_status, measure, random_vectors
+
+
+def host_read_pass(
+    matrix: np.ndarray, pool: ThreadPoolExecutor, threads: int
+) -> Callable[[object], None]:
+    """A callable that reads all of ``matrix`` once with a numpy sum on ``threads`` threads."""
+    flat = matrix.reshape(-1)
+    bounds = np.linspace(0, flat.size, threads + 1).astype(np.int64)
+    chunks = [flat[bounds[i] : bounds[i + 1]] for i in range(threads)]
+
+    def read_all(_: object) -> None:
+        list(pool.map(np.sum, chunks))
+
+    return read_all
 
 
 def host_read_bandwidth(matrix: np.ndarray, threads: int | None = None) -> float:
@@ -18,19 +33,12 @@ def host_read_bandwidth(matrix: np.ndarray, threads: int | None = None) -> float
     thread pool; the matrix must be far larger than the caches for this to mean anything.
     """
     threads = threads or os.cpu_count() or 1
-    flat = matrix.reshape(-1)
     best = 0.0
     counts = sorted({1, threads})
     for count in counts:
-        bounds = np.linspace(0, flat.size, count + 1).astype(np.int64)
-        chunks = [flat[bounds[i] : bounds[i + 1]] for i in range(count)]
         with ThreadPoolExecutor(count) as pool:
-
-            def reduce_all(_: int, chunks: list[np.ndarray] = chunks,
-                           pool: ThreadPoolExecutor = pool) -> None:
-                list(pool.map(np.sum, chunks))
-
-            timing = measure(reduce_all, [0], warmup=1, repeats=5, budget_s=6.0)
+            timing = measure(host_read_pass(matrix, pool, count), [0], warmup=1, repeats=5,
+                             budget_s=6.0)
         best = max(best, matrix.nbytes / timing.median_s)
     return best
 

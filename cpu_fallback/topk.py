@@ -10,7 +10,7 @@ Ids = npt.NDArray[np.int64]
 
 
 # Rows are cut into groups of this many columns for the group-maximum pre-selection.
-GROUP = 64
+GROUP = 32
 
 
 def top_k_exact(keys: Keys, ids: Ids, k: int) -> tuple[Keys, Ids]:
