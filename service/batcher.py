@@ -34,25 +34,30 @@ class _Group:
 
 
 class SearchBatcher:
-    """Collects searches that share (collection, filter, threshold, dim) for ``window_s``.
+    """Continuous batching of searches that share (collection, filter, threshold, dim).
 
-    While no engine call for the same key is running, a new group is flushed at the next
-    turn of the event loop (an idle server adds no wait; requests that arrived in the same
-    turn still merge). While one is running, a group waits ``window_s`` for company.
-    When the window closes, or ``max_batch`` query rows are waiting, the group runs as one
-    ``search_fn`` call in a worker thread with k = max(k + offset) over the group; each
-    request gets its own rows, sliced to its own offset and k. If a merged call fails,
-    each request is retried alone so that an error reaches only the request that caused it.
+    At most one engine call per key runs at a time. A search that finds its key idle is
+    flushed at the next turn of the event loop (searches that arrived in the same turn
+    merge; an idle server adds no wait). Searches that arrive while the key's call is
+    running queue up, and the moment it returns they run together as the next call, so
+    under load each GEMM takes everyone who waited for it (and the batch grows with the
+    load) instead of many small calls fighting over the cores. ``window_s`` is how long
+    an idle key waits for company before its first call; ``max_batch`` caps the query
+    rows of one call (the rest wait for the next).
+
+    A call runs ``search_fn`` in a worker thread with k = max(k + offset) over its
+    searches; each search gets its own rows, sliced to its own offset and k. If a merged
+    call fails, each search is retried alone so an error reaches only the one that caused it.
     """
 
-    def __init__(self, search_fn: SearchFn, *, window_s: float = 0.001, max_batch: int = 64,
+    def __init__(self, search_fn: SearchFn, *, window_s: float = 0.0, max_batch: int = 64,
                  on_batch: Callable[[int, int], None] | None = None) -> None:
         self.search_fn = search_fn
         self.window_s = window_s
         self.max_batch = max_batch
         self.on_batch = on_batch  # (requests, query rows) per engine call, for metrics
         self._groups: dict[BatchKey, _Group] = {}
-        self._running: dict[BatchKey, int] = {}
+        self._running: set[BatchKey] = set()
 
     async def search(self, collection: str, queries: npt.NDArray[np.float32], k: int, *,
                      threshold: float | None = None, filter: str | None = None,
@@ -64,33 +69,51 @@ class SearchBatcher:
             raise ValueError(f"queries must be 2-d (q, dim), got shape {queries.shape}")
         key: BatchKey = (collection, filter, threshold, int(queries.shape[1]))
         request = _Request(queries, k, offset, loop.create_future())
-        group = self._groups.get(key)
-        if group is None:
-            group = self._groups[key] = _Group()
-            wait = self.window_s if self._running.get(key, 0) else 0.0
-            group.timer = loop.call_later(wait, self._flush, key)
+        group = self._groups.setdefault(key, _Group())
         group.requests.append(request)
         group.rows += len(queries)
-        if group.rows >= self.max_batch:
-            self._flush(key)
+        if key not in self._running:
+            if group.rows >= self.max_batch:
+                self._flush(key)
+            elif group.timer is None:
+                group.timer = loop.call_later(self.window_s, self._flush, key)
         return await request.future
 
     def _flush(self, key: BatchKey) -> None:
-        group = self._groups.pop(key, None)
-        if group is None:
+        """Start the key's next engine call with up to max_batch waiting query rows."""
+        group = self._groups.get(key)
+        if group is None or key in self._running:
             return
         if group.timer is not None:
             group.timer.cancel()
-        asyncio.get_running_loop().create_task(self._run(key, group.requests))
+            group.timer = None
+        taken: list[_Request] = []
+        rows = 0
+        while group.requests and (not taken or rows + len(group.requests[0].queries)
+                                  <= self.max_batch):
+            taken.append(group.requests.pop(0))
+            rows += len(taken[-1].queries)
+        group.rows -= rows
+        if not group.requests:
+            del self._groups[key]
+        self._running.add(key)
+        asyncio.get_running_loop().create_task(self._run(key, taken))
 
     async def _run(self, key: BatchKey, requests: list[_Request]) -> None:
+        try:
+            await self._execute(key, requests)
+        finally:
+            self._running.discard(key)
+            if key in self._groups:  # those who waited go next, at once
+                self._flush(key)
+
+    async def _execute(self, key: BatchKey, requests: list[_Request]) -> None:
         collection, filter_, threshold, _ = key
         queries = (requests[0].queries if len(requests) == 1
                    else np.concatenate([r.queries for r in requests]))
         k_total = max(r.k + r.offset for r in requests)
         if self.on_batch is not None:
             self.on_batch(len(requests), len(queries))
-        self._running[key] = self._running.get(key, 0) + 1
         try:
             hits = await asyncio.to_thread(self.search_fn, collection, queries, k_total,
                                            threshold, filter_)
@@ -98,12 +121,9 @@ class SearchBatcher:
             if len(requests) == 1:
                 _settle(requests[0], exc=exc)
                 return
-            await asyncio.gather(*(self._run(key, [r]) for r in requests))
+            for request in requests:
+                await self._execute(key, [request])
             return
-        finally:
-            self._running[key] -= 1
-            if not self._running[key]:
-                del self._running[key]
         start = 0
         for request in requests:
             rows = hits[start:start + len(request.queries)]

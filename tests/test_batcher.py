@@ -113,26 +113,34 @@ def test_queries_must_be_2d():
         run(main())
 
 
-def test_idle_server_does_not_wait_busy_server_batches():
+def test_busy_key_queues_searches_for_one_next_call():
     import time
 
     calls: list[int] = []
+    active: list[int] = [0]
+    most_active: list[int] = [0]
 
     def slow_engine(name, queries, k, threshold, filter_):
+        active[0] += 1
+        most_active[0] = max(most_active[0], active[0])
         calls.append(len(queries))
         time.sleep(0.2)
+        active[0] -= 1
         return [[(float(q[0]), 0)] for q in queries]
 
     async def main():
-        batcher = SearchBatcher(slow_engine, window_s=0.05)
+        batcher = SearchBatcher(slow_engine, window_s=0.0, max_batch=4)
         q = np.ones((1, 4), np.float32)
         start = time.perf_counter()
         first = asyncio.create_task(batcher.search("a", q, 1))
         await asyncio.sleep(0.05)  # the first call is now running in its thread
         assert calls == [1] and time.perf_counter() - start < 0.15  # it did not wait
-        rest = [asyncio.create_task(batcher.search("a", q * i, 1)) for i in range(2, 5)]
+        rest = [asyncio.create_task(batcher.search("a", q * i, 1)) for i in range(2, 8)]
         await asyncio.gather(first, *rest)
         return [r.result()[0][0][0] for r in rest]
 
-    assert run(main()) == [2.0, 3.0, 4.0]
-    assert calls == [1, 3]  # the three that came while the engine was busy shared one call
+    assert run(main()) == [2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    # the six that came while the engine was busy ran next, max_batch at a time, and
+    # never two engine calls for one key at once
+    assert calls == [1, 4, 2]
+    assert most_active[0] == 1
