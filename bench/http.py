@@ -135,6 +135,32 @@ async def _load_test(url: str, bodies: list[tuple[str, dict[str, Any]]], clients
             "requests": len(samples), "errors": errors}
 
 
+def _in_process(index: Any, queries: np.ndarray, clients: int, seconds: float) -> float:
+    """Searches/s of ``clients`` concurrent loops through the batcher straight onto the
+    engine: what batching gives without HTTP, or a load generator sharing the cores."""
+    from service.batcher import SearchBatcher
+
+    def engine(_: str, q: np.ndarray, k: int, *__: Any) -> list[list[Any]]:
+        return index.search(q, k)[1].tolist()
+
+    async def load() -> float:
+        batcher = SearchBatcher(engine, window_s=0.001, max_batch=64)
+        done = 0
+        stop = time.perf_counter() + seconds
+
+        async def loop(c: int) -> None:
+            nonlocal done
+            while time.perf_counter() < stop:
+                await batcher.search(COLLECTION, queries[(c + done) % len(queries)][None], 10)
+                done += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(loop(c) for c in range(clients)))
+        return done / (time.perf_counter() - start)
+
+    return asyncio.run(load())
+
+
 def _direct(index: Any, vectors: np.ndarray, queries: np.ndarray,
             count: int) -> tuple[list[float], list[int]]:
     """Latencies of single-query searches on the engine itself, and the first answer's ids."""
@@ -164,10 +190,16 @@ def run_http(report: Report, quick: bool = False, n: int | None = None,
         return {}
     vectors = random_vectors(n, dim, offset=300)
     queries = random_vectors(32, dim, offset=301)
-    direct, expected = _direct(make_index(dim, "dot", "float32", backend=backend_name()),
-                               vectors, queries, samples)
+    index = make_index(dim, "dot", "float32", backend=backend_name())
+    direct, expected = _direct(index, vectors, queries, samples)
     report.add_row(SUITE, what="direct engine call, k=10", clients=1,
                    p50_ms=percentile(direct, 50) * 1e3, p99_ms=percentile(direct, 99) * 1e3)
+    batched = max(c for c in concurrency if c <= 64)
+    in_process = {c: _in_process(index, queries, c, seconds) for c in (1, batched)}
+    for clients, rate in in_process.items():
+        report.add_row(SUITE, what="batcher + engine in process (no HTTP)", clients=clients,
+                       throughput=rate)
+    del index
     search = f"/v1/collections/{COLLECTION}/search"
     bodies = [(search, {"vector": q.tolist(), "k": 10}) for q in queries]
     sql_bodies = [("/v1/query", {"sql": f"SELECT id FROM {COLLECTION} ORDER BY "
@@ -210,13 +242,16 @@ def run_http(report: Report, quick: bool = False, n: int | None = None,
         if not quick:
             _image_search(report, Path(tmp))
     direct_p50 = percentile(direct, 50) * 1e3
-    top = max(concurrency)
+    top = batched
     report.add_ratio(SUITE, f"HTTP p50 - direct p50, ms (keep-alive, N={n}, d={dim})",
                      out.get("keepalive_p50_ms", float("nan")) - direct_p50, 3.0, better="lower")
     report.add_ratio(SUITE, f"throughput {top} clients / 1 client (batching on)",
                      _div(out.get(f"batching on {top}"), out.get("batching on 1")), 5.0)
-    report.add_ratio(SUITE, f"throughput at {top} clients, batching on / off",
-                     _div(out.get(f"batching on {top}"), out.get(f"batching off {top}")))
+    report.add_ratio(SUITE, f"throughput at {max(concurrency)} clients, batching on / off",
+                     _div(out.get(f"batching on {max(concurrency)}"),
+                          out.get(f"batching off {max(concurrency)}")))
+    report.add_ratio(SUITE, f"in process: throughput {top} concurrent searches / 1 (batcher)",
+                     _div(in_process[top], in_process[1]), 5.0)
     report.add_plot("http", f"HTTP search, N={n}, d={dim}", "concurrent clients",
                     "p50 latency (ms) / throughput (requests/s)", series)
     return out
