@@ -110,6 +110,10 @@ def check_param_value(value: Any, where: str) -> Any:
             raise QueryError(f"parameter {where}: NaN and infinity are not allowed")
         return value
     if isinstance(value, list | tuple):
+        if value and all(type(v) is float for v in value):  # a vector: check it in one go
+            if not np.isfinite(np.asarray(value, dtype=np.float64)).all():
+                raise QueryError(f"parameter {where}: NaN and infinity are not allowed")
+            return list(value)
         return [check_param_value(v, where) for v in value]
     raise QueryError(f"parameter {where}: unsupported type {type(value).__name__}")
 
