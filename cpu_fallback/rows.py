@@ -120,12 +120,27 @@ class RowMap:
         return np.sort(positions[positions >= 0])
 
 
-def split_by_block(positions: Ids, block_rows: int) -> Iterator[tuple[int, Ids, Ids]]:
-    """(block, row offsets within it, indices into ``positions``) per touched block."""
+RowIndex = Ids | slice
+
+
+def split_by_block(positions: Ids, block_rows: int) -> Iterator[tuple[int, RowIndex, RowIndex]]:
+    """(block, row offsets within it, indices into ``positions``) per touched block.
+
+    Contiguous runs (an append) come as slices, so that copies are plain memcpy rather
+    than fancy-index gathers and scatters.
+    """
     blocks = positions // block_rows
     for b in np.unique(blocks).tolist():
         where = np.flatnonzero(blocks == b)
-        yield b, positions[where] - b * block_rows, where
+        offsets = positions[where] - b * block_rows
+        n = len(where)
+        if where[-1] - where[0] == n - 1 and offsets[-1] - offsets[0] == n - 1 and (
+            n == 1 or bool((np.diff(offsets) == 1).all())
+        ):
+            yield b, slice(int(offsets[0]), int(offsets[0]) + n), slice(int(where[0]),
+                                                                        int(where[0]) + n)
+        else:
+            yield b, offsets, where
 
 
 def blocks_in_use(count: int, block_rows: int) -> int:

@@ -317,12 +317,14 @@ class GpuIndex:
                 self._block_sq_norms.append(xp.zeros(size, dtype=np.float32))
 
     def _write_rows(self, positions: np.ndarray, ids: np.ndarray, device_rows: Any) -> None:
-        to_device = self._ops.to_device
+        def to_device(index: Any) -> Any:  # slices index the device arrays as they are
+            return index if isinstance(index, slice) else self._ops.to_device(index)
+
         for b, offsets, where in split_by_block(positions, self._block_rows):
             offsets_dev = to_device(offsets)
             rows = device_rows[to_device(where)]
             self._blocks[b][offsets_dev] = rows
-            self._block_ids[b][offsets_dev] = to_device(ids[where])
+            self._block_ids[b][offsets_dev] = self._ops.to_device(ids[where])
             if self.metric == "l2":
                 as32 = rows.astype(np.float32)
                 self._block_sq_norms[b][offsets_dev] = (as32 * as32).sum(axis=1)
@@ -330,5 +332,6 @@ class GpuIndex:
     def _vectors_at(self, positions: np.ndarray) -> np.ndarray:
         out = np.empty((len(positions), self.dim), self._storage)
         for b, offsets, where in split_by_block(positions, self._block_rows):
-            out[where] = self._ops.to_host(self._blocks[b][self._ops.to_device(offsets)])
+            rows = offsets if isinstance(offsets, slice) else self._ops.to_device(offsets)
+            out[where] = self._ops.to_host(self._blocks[b][rows])
         return out
