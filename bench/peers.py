@@ -106,6 +106,11 @@ def _faiss_cpu(ids: np.ndarray, vectors: np.ndarray, metric: str, dtype: str) ->
     dim = vectors.shape[1]
     index = faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
     index.add(np.ascontiguousarray(vectors))
+    return Searcher(_faiss_search(index, ids, metric), keep=[index])
+
+
+def _faiss_search(index: Any, ids: np.ndarray, metric: str) -> Callable[..., Any]:
+    """A faiss flat index's search in this harness's terms (ids, distances, cosine)."""
 
     def search(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if metric == "cosine":
@@ -115,7 +120,7 @@ def _faiss_cpu(ids: np.ndarray, vectors: np.ndarray, metric: str, dtype: str) ->
             scores = np.sqrt(np.maximum(scores, 0))
         return scores, np.where(positions >= 0, ids[np.maximum(positions, 0)], -1)
 
-    return Searcher(search, keep=[index])
+    return search
 
 
 def _faiss_gpu(ids: np.ndarray, vectors: np.ndarray, metric: str, dtype: str) -> Searcher:
@@ -128,16 +133,7 @@ def _faiss_gpu(ids: np.ndarray, vectors: np.ndarray, metric: str, dtype: str) ->
     index = (faiss.GpuIndexFlatL2(resources, dim, config) if metric == "l2"
              else faiss.GpuIndexFlatIP(resources, dim, config))
     index.add(np.ascontiguousarray(vectors))
-
-    def search(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if metric == "cosine":
-            queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
-        scores, positions = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        if metric == "l2":
-            scores = np.sqrt(np.maximum(scores, 0))
-        return scores, np.where(positions >= 0, ids[np.maximum(positions, 0)], -1)
-
-    return Searcher(search, keep=[index, resources])
+    return Searcher(_faiss_search(index, ids, metric), keep=[index, resources])
 
 
 def _torch(device: str) -> Callable[[np.ndarray, np.ndarray, str, str], Searcher]:

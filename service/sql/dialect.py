@@ -64,12 +64,7 @@ def parse_script(sql: str) -> list[exp.Expr]:
     try:
         statements = sqlglot.parse(sql, read=DIALECT)
     except ParseError as exc:
-        first = exc.errors[0] if exc.errors else {}
-        desc = str(first.get("description") or exc).split("\n")[0]
-        pos = None
-        if first.get("line") is not None:
-            pos = {"line": int(first["line"]), "column": int(first["col"])}
-        raise QueryError(f"syntax error: {desc}", position=pos) from exc
+        raise _syntax_error("syntax error", exc) from exc
     except TokenError as exc:
         raise QueryError(f"syntax error: {str(exc).splitlines()[0]}") from exc
     except RecursionError as exc:
@@ -82,6 +77,16 @@ def parse_script(sql: str) -> list[exp.Expr]:
     return out
 
 
+def _syntax_error(what: str, exc: ParseError) -> QueryError:
+    """sqlglot's first parse error as a QueryError with its line and column."""
+    first = exc.errors[0] if exc.errors else {}
+    desc = str(first.get("description") or exc).split("\n")[0]
+    pos = None
+    if first.get("line") is not None:
+        pos = {"line": int(first["line"]), "column": int(first["col"])}
+    return QueryError(f"{what}: {desc}", position=pos)
+
+
 def parse_condition(text: str) -> exp.Expr:
     """Parse a boolean expression (a search filter)."""
     if not isinstance(text, str) or not text.strip():
@@ -89,12 +94,7 @@ def parse_condition(text: str) -> exp.Expr:
     try:
         cond = sqlglot.parse_one(text, read=DIALECT, into=exp.Condition)
     except ParseError as exc:
-        first = exc.errors[0] if exc.errors else {}
-        desc = str(first.get("description") or exc).split("\n")[0]
-        pos = None
-        if first.get("line") is not None:
-            pos = {"line": int(first["line"]), "column": int(first["col"])}
-        raise QueryError(f"filter syntax error: {desc}", position=pos) from exc
+        raise _syntax_error("filter syntax error", exc) from exc
     except RecursionError as exc:
         raise QueryError("filter nested too deeply") from exc
     except Exception as exc:
