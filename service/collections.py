@@ -15,17 +15,10 @@ import duckdb
 import numpy as np
 import numpy.typing as npt
 
+from service.duck_values import canonical_type, check_name, first_row, map_duckdb_error
 from service.errors import Conflict, DotsearchError, InvalidInput, NotFound, NotReady
 from service.index_protocol import VectorIndex
-from service.storage import (
-    RESERVED_COLUMNS,
-    CollectionRecord,
-    Storage,
-    canonical_type,
-    check_name,
-    first_row,
-    map_duckdb_error,
-)
+from service.storage import RESERVED_COLUMNS, CollectionRecord, Storage
 
 log = logging.getLogger(__name__)
 
@@ -485,7 +478,7 @@ class Catalog:
 
     def get_vector(self, name: str, id: int) -> tuple[npt.NDArray[np.float32], dict[str, Any]]:
         """The stored vector (float32, as written; unit length under cosine) and metadata."""
-        from service.storage import quote
+        from service.duck_values import quote
 
         key = int(as_id_array([id])[0])
         with self._lock.read():
@@ -501,7 +494,7 @@ class Catalog:
         return np.frombuffer(row[0], dtype="<f4").astype(np.float32), meta
 
     def get_thumbnail(self, name: str, id: int) -> bytes | None:
-        from service.storage import THUMBNAIL_COLUMN, quote
+        from service.duck_values import THUMBNAIL_COLUMN, quote
 
         key = int(as_id_array([id])[0])
         with self._lock.read():

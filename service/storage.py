@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
-import re
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +14,18 @@ import duckdb
 import numpy as np
 import numpy.typing as npt
 
+from service.duck_values import (
+    THUMBNAIL_COLUMN,
+    blob_column,
+    decode_json,
+    first_row,
+    json_value,
+    map_duckdb_error,
+    metadata_text,
+    object_column,
+    quote,
+)
 from service.errors import (
-    Conflict,
-    DotsearchError,
-    InvalidInput,
-    QueryError,
     SchemaVersionError,
     StorageError,
 )
@@ -30,30 +34,9 @@ SCHEMA_VERSION = 1
 DB_FILENAME = "dotsearch.duckdb"
 META_TABLE = "_dotsearch_meta"
 COLLECTIONS_TABLE = "_dotsearch_collections"
-THUMBNAIL_COLUMN = "_thumbnail"
 # Rows per chunk when writing or reading vectors: bounds the Python-side copies.
 CHUNK_ROWS = 8192
 
-NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
-
-# Accepted metadata column types -> the canonical DuckDB type stored.
-TYPE_ALIASES: dict[str, str] = {
-    "BIGINT": "BIGINT",
-    "INT": "BIGINT",
-    "INTEGER": "BIGINT",
-    "INT64": "BIGINT",
-    "DOUBLE": "DOUBLE",
-    "FLOAT": "DOUBLE",
-    "REAL": "DOUBLE",
-    "VARCHAR": "VARCHAR",
-    "TEXT": "VARCHAR",
-    "STRING": "VARCHAR",
-    "BOOLEAN": "BOOLEAN",
-    "BOOL": "BOOLEAN",
-    "TIMESTAMP": "TIMESTAMP",
-    "DATETIME": "TIMESTAMP",
-    "JSON": "JSON",
-}
 RESERVED_COLUMNS = {"id", THUMBNAIL_COLUMN, "rowid"}
 
 
@@ -68,86 +51,6 @@ class CollectionRecord:
     columns: dict[str, str] = field(default_factory=dict)
     thumbnails: bool = False
     vector_column: str = "feature"
-
-
-def check_name(kind: str, name: object) -> str:
-    """A table or column name: letters, digits, underscore, starting with a letter."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise InvalidInput(
-            f"{kind} name must match [A-Za-z][A-Za-z0-9_]{{0,62}}, got {name!r}"
-        )
-    return name
-
-
-def canonical_type(column: str, sql_type: object) -> str:
-    if not isinstance(sql_type, str) or sql_type.strip().upper() not in TYPE_ALIASES:
-        raise InvalidInput(
-            f"column {column!r}: type must be one of BIGINT, DOUBLE, VARCHAR/TEXT, BOOLEAN, "
-            f"TIMESTAMP, JSON; got {sql_type!r}"
-        )
-    return TYPE_ALIASES[sql_type.strip().upper()]
-
-
-def quote(name: str) -> str:
-    """Quote an identifier that has already passed check_name (no quotes inside)."""
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _metadata_text(column: str, sql_type: str, value: Any) -> str | None:
-    """One metadata value as the text DuckDB casts to the column type; InvalidInput if wrong."""
-    if value is None:
-        return None
-    bad = InvalidInput(f"metadata {column!r} ({sql_type}): unacceptable value {value!r}")
-    if sql_type == "BIGINT":
-        if isinstance(value, bool) or not isinstance(value, int | np.integer):
-            raise bad
-        if not -(2**63) <= int(value) < 2**63:
-            raise bad
-        return str(int(value))
-    if sql_type == "DOUBLE":
-        if isinstance(value, bool) or not isinstance(value, int | float | np.number):
-            raise bad
-        if not math.isfinite(float(value)):
-            raise bad
-        return repr(float(value))
-    if sql_type == "VARCHAR":
-        if not isinstance(value, str):
-            raise bad
-        return value
-    if sql_type == "BOOLEAN":
-        if not isinstance(value, bool | np.bool_):
-            raise bad
-        return "true" if value else "false"
-    if sql_type == "TIMESTAMP":
-        if isinstance(value, datetime | date):
-            return value.isoformat()
-        if isinstance(value, str):
-            return value
-        raise bad
-    if sql_type == "JSON":
-        try:
-            return json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise bad from exc
-    raise bad
-
-
-def map_duckdb_error(exc: Exception, what: str) -> DotsearchError:
-    """Translate a DuckDB exception into the service's hierarchy (message without SQL echo)."""
-    message = str(exc).split("\n\nLINE", 1)[0].split("\nLINE", 1)[0].strip()
-    if isinstance(exc, duckdb.ConstraintException):
-        return Conflict(f"{what}: {message}")
-    if isinstance(exc, duckdb.ConversionException | duckdb.InvalidInputException):
-        return InvalidInput(f"{what}: {message}")
-    io_words = ("No space left", "Could not write", "File too large", "Permission denied",
-                "Disk quota")
-    if isinstance(
-        exc, duckdb.IOException | duckdb.FatalException | duckdb.InternalException
-    ) or any(word in message for word in io_words):
-        return StorageError(f"{what} failed in storage: {message}")
-    if isinstance(exc, duckdb.OutOfMemoryException):
-        return StorageError(f"{what}: DuckDB ran out of its memory budget: {message}")
-    return QueryError(f"{what}: {message}")
 
 
 class Storage:
@@ -334,21 +237,21 @@ class Storage:
         for i in range(len(ids)):
             row = metadata[i] if metadata is not None else {}
             for c, t in rec.columns.items():
-                texts[c].append(_metadata_text(c, t, row.get(c)))
+                texts[c].append(metadata_text(c, t, row.get(c)))
         target = quote(rec.name)
         column_list = ", ".join(quote(n) for n in names)
         for start in range(0, len(ids), CHUNK_ROWS):
             stop = min(start + CHUNK_ROWS, len(ids))
             batch: dict[str, npt.NDArray[Any]] = {
                 "id": ids[start:stop],
-                rec.vector_column: _blob_column(vectors[start:stop]),
+                rec.vector_column: blob_column(vectors[start:stop]),
             }
             for c in rec.columns:
-                batch[c] = _object_column(texts[c][start:stop])
+                batch[c] = object_column(texts[c][start:stop])
             if rec.thumbnails:
                 thumbs = list(thumbnails[start:stop]) if thumbnails is not None else []
                 thumbs += [None] * (stop - start - len(thumbs))
-                batch[THUMBNAIL_COLUMN] = _object_column(thumbs)
+                batch[THUMBNAIL_COLUMN] = object_column(thumbs)
             view = self.unique_name("batch")
             self.writer.register(view, batch)
             try:
@@ -454,55 +357,3 @@ class Storage:
             }
             for r in rows
         }
-
-
-def first_row(cur: duckdb.DuckDBPyConnection) -> tuple[Any, ...] | None:
-    """The first row of a small result, consuming it all (DuckDB 2 wants results finished)."""
-    rows = cur.fetchall()
-    return rows[0] if rows else None
-
-
-def _blob_column(vectors: npt.NDArray[np.float32]) -> npt.NDArray[Any]:
-    """Packed little-endian float32 rows as an object array of bytes (DuckDB BLOB)."""
-    packed = np.ascontiguousarray(vectors, dtype="<f4")
-    out = np.empty(len(packed), dtype=object)
-    for i in range(len(packed)):
-        out[i] = packed[i].tobytes()
-    return out
-
-
-def _object_column(values: Sequence[Any]) -> npt.NDArray[Any]:
-    out = np.empty(len(values), dtype=object)
-    out[:] = values
-    return out
-
-
-def decode_json(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
-    return json_value(value)
-
-
-def json_value(value: Any) -> Any:
-    """A DuckDB value made JSON-friendly: timestamps as ISO text, bytes as 0x-hex."""
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    if isinstance(value, bytes | bytearray | memoryview):
-        return "0x" + bytes(value).hex()
-    if isinstance(value, list | tuple):
-        return [json_value(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): json_value(v) for k, v in value.items()}
-    if isinstance(value, np.generic):
-        return json_value(value.item())
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return str(value)

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 from sqlglot import exp
 
+from service.duck_values import first_row, map_duckdb_error, quote
 from service.errors import InvalidInput, QueryError
 from service.sql.dialect import error_at, parse_script, to_duckdb
 from service.sql.vectors import Context, as_float32, bind_parameters, eval_vector
-from service.storage import first_row, map_duckdb_error, quote
 
 
 def resolve_table(catalog: Any, name: str) -> str | None:

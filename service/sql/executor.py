@@ -8,11 +8,11 @@ from typing import Any
 import duckdb
 from sqlglot import exp
 
+from service.duck_values import json_value, map_duckdb_error
 from service.errors import DotsearchError, QueryError
 from service.sql.dialect import error_at, parse_script, to_duckdb
 from service.sql.planner import ScopePlan, plan_select, rewrite_all_slow
 from service.sql.vectors import Context, bind_parameters
-from service.storage import json_value, map_duckdb_error
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,12 @@ import numpy as np
 import numpy.typing as npt
 from sqlglot import exp
 
+from service.duck_values import map_duckdb_error
 from service.errors import QueryError
 from service.sql.dialect import error_at, parse_condition, to_duckdb
 from service.sql.executor import check_statement
 from service.sql.vectors import anonymous_name, vector_kind
-from service.storage import CollectionRecord, map_duckdb_error
+from service.storage import CollectionRecord
 
 
 def filter_ids(catalog: Any, rec: CollectionRecord, text: str) -> npt.NDArray[np.int64]:
