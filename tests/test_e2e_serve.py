@@ -2,49 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.serve_support import free_port, start_server, wait_ready
+
 pytestmark = pytest.mark.slow
 
 NAMES = ("astronaut", "coffee", "chelsea")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start(data_dir: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "DOTSEARCH_WEIGHTS": "random", "DOTSEARCH_BACKEND": "cpu"}
-    exe = Path(sys.executable).with_name("dotsearch")
-    cmd = ([str(exe)] if exe.exists() else [sys.executable, "-m", "service.cli"])
-    cmd += ["serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir)]
-    return subprocess.Popen(cmd, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
-
-
-def wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path) -> dict:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited {proc.returncode}:\n{log.read_text()}")
-        try:
-            health = httpx.get(f"{base}/health", timeout=2).json()
-            if health["featurizer"]["state"] == "ready":
-                return dict(health)
-        except (httpx.HTTPError, KeyError, ValueError):
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"server not ready:\n{log.read_text()}")
 
 
 def stop(proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -82,7 +51,7 @@ def test_serve_upload_search_restart(tmp_path, photos, encode):
         img = photos[name].copy()
         img.thumbnail((256, 256))
         small[name] = img
-    proc = start(data, port, log)
+    proc = start_server(data, port, log)
     try:
         health = wait_ready(base, proc, log)
         assert health["featurizer"]["weights"] == "random" and health["backend"] == "cpu"
@@ -96,7 +65,7 @@ def test_serve_upload_search_restart(tmp_path, photos, encode):
         assert before[1][0] == [1, "coffee"]
     finally:
         stop(proc, log)
-    proc = start(data, port, log)
+    proc = start_server(data, port, log)
     try:
         health = wait_ready(base, proc, log)
         assert {"name": "e2e", "count": 3, "dim": 2048} in health["collections"]

@@ -12,16 +12,15 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+
+from tests.serve_support import free_port, start_server, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -47,40 +46,13 @@ if not CHROMIUM.exists():
                 allow_module_level=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path) -> dict[str, Any]:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited {proc.returncode}:\n{log.read_text()}")
-        try:
-            health = httpx.get(f"{base}/health", timeout=2).json()
-            if health.get("status") == "ok" and health["featurizer"]["state"] == "ready":
-                return dict(health)
-        except (httpx.HTTPError, KeyError, ValueError):
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"server not ready in 180 s:\n{log.read_text()}")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`dotsearch serve --weights random --backend cpu` on a free port; stopped at the end."""
     folder = tmp_path_factory.mktemp("web_ui_server")
     log = folder / "server.log"
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DOTSEARCH_")}
-    exe = Path(sys.executable).with_name("dotsearch")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "service.cli"]
-    cmd += ["serve", "--host", "127.0.0.1", "--port", str(port), "--weights", "random",
-            "--backend", "cpu", "--data-dir", str(folder / "data")]
-    with log.open("ab") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    proc = start_server(folder / "data", port, log, cwd=REPO)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base, proc, log)

@@ -1,0 +1,47 @@
+"""Running `dotsearch serve` as a subprocess for end-to-end tests: start it, wait for it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(data_dir: Path, port: int, log: Path,
+                 cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """`dotsearch serve --weights random --backend cpu` on 127.0.0.1:port, output to log."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DOTSEARCH_")}
+    exe = Path(sys.executable).with_name("dotsearch")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "service.cli"]
+    cmd += ["serve", "--host", "127.0.0.1", "--port", str(port), "--weights", "random",
+            "--backend", "cpu", "--data-dir", str(data_dir)]
+    with log.open("ab") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+
+
+def wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path) -> dict[str, Any]:
+    """/health once the featurizer is ready; the server's log if it dies or takes 180 s."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited {proc.returncode}:\n{log.read_text()}")
+        try:
+            health = httpx.get(f"{base}/health", timeout=2).json()
+            if health.get("status") == "ok" and health["featurizer"]["state"] == "ready":
+                return dict(health)
+        except (httpx.HTTPError, KeyError, ValueError):
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"server not ready in 180 s:\n{log.read_text()}")
