@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,27 +252,21 @@ class Storage:
                 thumbs = list(thumbnails[start:stop]) if thumbnails is not None else []
                 thumbs += [None] * (stop - start - len(thumbs))
                 batch[THUMBNAIL_COLUMN] = object_column(thumbs)
-            view = self.unique_name("batch")
-            self.writer.register(view, batch)
-            try:
-                self.writer.execute(
-                    f"INSERT OR REPLACE INTO {target} ({column_list}) "
-                    f"SELECT {', '.join(select)} FROM {view}"
-                )
-            except duckdb.Error:
-                self.rollback()
-                raise
-            finally:
-                with contextlib.suppress(duckdb.Error):
-                    self.writer.unregister(view)
+            self._write_from(batch, lambda view: (
+                f"INSERT OR REPLACE INTO {target} ({column_list}) "
+                f"SELECT {', '.join(select)} FROM {view}"))
 
     def stage_delete(self, name: str, ids: npt.NDArray[np.int64]) -> None:
-        view = self.unique_name("ids")
-        self.writer.register(view, {"id": ids})
+        self._write_from({"id": ids}, lambda view: (
+            f"DELETE FROM {quote(name)} WHERE id IN (SELECT id FROM {view})"))
+
+    def _write_from(self, columns: dict[str, Any], statement: Callable[[str], str]) -> None:
+        """Run a write that reads ``columns`` registered as a temporary view; roll back the
+        open transaction if it fails."""
+        view = self.unique_name("batch")
+        self.writer.register(view, columns)
         try:
-            self.writer.execute(
-                f"DELETE FROM {quote(name)} WHERE id IN (SELECT id FROM {view})"
-            )
+            self.writer.execute(statement(view))
         except duckdb.Error:
             self.rollback()
             raise
