@@ -29,16 +29,21 @@ BLOCK_BYTES = 256 << 20
 MANY_QUERIES = 128
 # Below this allowed fraction a block's allowed rows are gathered; above it, masked.
 GATHER_FRACTION = 0.5
+# Allowed rows are gathered panel by panel into one reused buffer of about this size
+# (TILE_BYTES for many queries): it stays in cache for the BLAS call, and no fresh
+# copy of all the allowed rows is allocated.
+GATHER_BYTES = 128 << 10
 
 
 @dataclass
 class _Rows:
-    """A run of candidate rows: vectors, their ids, squared norms (l2), mask."""
+    """A run of candidate rows: vectors, their ids, squared norms (l2), mask, gather list."""
 
     vectors: npt.NDArray[Any]
     ids: npt.NDArray[np.int64]
     sq_norms: npt.NDArray[np.float32] | None
     keep: npt.NDArray[np.bool_] | None  # None: every row may be returned
+    gather: npt.NDArray[np.int64] | None = None  # rows of vectors to score; None: all
 
 
 class CpuIndex:
@@ -200,15 +205,17 @@ class CpuIndex:
                 keep[local] = True
                 yield _Rows(vectors, ids, sq, keep)
             else:
-                yield _Rows(vectors[local], ids[local], None if sq is None else sq[local], None)
+                yield _Rows(vectors, ids[local], None if sq is None else sq[local], None, local)
 
     def _key_tiles(
         self, chunk: npt.NDArray[np.float32], runs: list[_Rows]
     ) -> Iterator[tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]]:
         """(keys, ids) per tile: keys (q, rows), higher is closer, -inf where masked.
 
-        keys is only valid until the next tile: every tile reuses one buffer (fresh
-        16 MB allocations cost page faults on each tile)."""
+        A tile fills with the scores of consecutive runs, so that the few rows gathered
+        from each block under a sparse allow-list share one top-k. keys and ids are only
+        valid until the next tile: every tile reuses one buffer (fresh 16 MB allocations
+        cost page faults on each tile)."""
         nq = len(chunk)
         # A tile holds up to tile_bytes of scores; one top-k covers it.
         tile_rows = max(256, min(self._tile_bytes // (4 * nq), self._block_rows))
@@ -218,27 +225,47 @@ class CpuIndex:
             gemm_rows = max(256, self._tile_bytes // (4 * self.dim))
         else:  # compute-bound: one GEMM per tile
             gemm_rows = tile_rows
+        gather_bytes = self._tile_bytes
+        if nq < MANY_QUERIES:
+            gather_bytes = min(GATHER_BYTES, gather_bytes)
+        gather_rows = max(16, gather_bytes // (self.dim * self._storage.itemsize))
+        gathered = None
+        if any(run.gather is not None for run in runs):
+            gathered = np.empty((gather_rows, self.dim), self._storage)
         buffer = np.empty((tile_rows, nq), np.float32)
+        tile_ids = np.empty(tile_rows, np.int64)
+        fill = 0
         for run in runs:
-            for t0 in range(0, len(run.ids), tile_rows):
-                t1 = min(len(run.ids), t0 + tile_rows)
-                for g0 in range(t0, t1, gemm_rows):
-                    g1 = min(t1, g0 + gemm_rows)
+            panel_rows = gemm_rows if run.gather is None else min(gemm_rows, gather_rows)
+            g0 = 0
+            while g0 < len(run.ids):
+                g1 = min(len(run.ids), g0 + panel_rows, g0 + tile_rows - fill)
+                if run.gather is None:
                     rows = run.vectors[g0:g1]
-                    if rows.dtype != np.float32:
-                        rows = rows.astype(np.float32)
-                    out = buffer[g0 - t0:g1 - t0]
-                    if nq == 1:
-                        np.matmul(rows, chunk[0], out=out[:, 0])
-                    else:  # rows x queries: OpenBLAS runs this orientation faster here
-                        np.matmul(rows, chunk.T, out=out)
-                keys = buffer[: t1 - t0].T
+                else:
+                    assert gathered is not None
+                    rows = np.take(run.vectors, run.gather[g0:g1], axis=0,
+                                   out=gathered[: g1 - g0])
+                if rows.dtype != np.float32:
+                    rows = rows.astype(np.float32)
+                out = buffer[fill:fill + g1 - g0]
+                if nq == 1:
+                    np.matmul(rows, chunk[0], out=out[:, 0])
+                else:  # rows x queries: OpenBLAS runs this orientation faster here
+                    np.matmul(rows, chunk.T, out=out)
                 if run.sq_norms is not None:  # l2: 2 q.x - |x|^2 ranks like -|q - x|^2
-                    keys *= 2
-                    keys -= run.sq_norms[t0:t1]
+                    out *= 2
+                    out -= run.sq_norms[g0:g1, None]
                 if run.keep is not None:
-                    keys[:, ~run.keep[t0:t1]] = -np.inf
-                yield keys, run.ids[t0:t1]
+                    out[~run.keep[g0:g1]] = -np.inf
+                tile_ids[fill:fill + g1 - g0] = run.ids[g0:g1]
+                fill += g1 - g0
+                g0 = g1
+                if fill == tile_rows:
+                    yield buffer.T, tile_ids
+                    fill = 0
+        if fill:
+            yield buffer[:fill].T, tile_ids[:fill]
 
     def _reserve(self, rows: int) -> None:
         while len(self._blocks) * self._block_rows < rows:

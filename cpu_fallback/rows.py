@@ -116,6 +116,7 @@ class RowMap:
         """Sorted rows of the allowed ids that are present (unknown ids are ignored)."""
         if allow is None:
             return None
+        # Sorted first: ids in order visit the dict's table (hash(i) == i) in order.
         positions = self.positions(np.unique(as_ids(allow, allow_empty=True)))
         return np.sort(positions[positions >= 0])
 

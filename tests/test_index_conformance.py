@@ -268,6 +268,26 @@ def test_memory_info_counts_rows(make):
     assert info["capacity_rows"] == 512
 
 
+@pytest.mark.parametrize("nq", [1, 5, 130])
+def test_gathered_rows_in_many_small_panels(make, nq, monkeypatch):
+    """A sparse allow-list is gathered panel by panel (16 rows here) into one buffer."""
+    import cpu_fallback.index
+
+    monkeypatch.setattr(cpu_fallback.index, "GATHER_BYTES", 16 * 32 * 4)
+    rng = np.random.default_rng()
+    vectors = rng.standard_normal((3000, 32)).astype(np.float32)
+    ids = rng.choice(10**6, 3000, replace=False).astype(np.int64)
+    index = make(32, "l2", block_rows=1000, scratch_bytes=16 * 32 * 4 * 130)
+    index.add(ids, vectors)
+    queries = rng.standard_normal((nq, 32)).astype(np.float32)
+    allow = ids[rng.random(3000) < 0.3]  # ~300 per block: gathered, ~19 panels each
+    scores, got = index.search(queries, 40, allow=allow)
+    stored = stored_values(vectors, "l2", "float32")
+    ref_s, ref_i = reference_search(stored, ids, queries, "l2", 40, allow=allow)
+    assert_matches_reference(scores, got, ref_s, ref_i,
+                             reference_scores(stored, queries, "l2"), ids, 1e-4)
+
+
 @pytest.mark.parametrize("metric", METRICS)
 def test_small_scratch_budget_gives_the_same_answers(make, metric):
     """A budget far below the index size forces many tiles/segments and merges."""

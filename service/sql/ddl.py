@@ -264,14 +264,11 @@ def insert(catalog: Any, stmt: exp.Insert, ctx: Context) -> Any:
 
 
 def _matching_ids(ctx: Context, table: exp.Table, where: exp.Expr | None) -> np.ndarray:
-    from service.sql.executor import run_subquery
-
     query = exp.select(exp.column("id", table=table.alias_or_name)).from_(table.copy())
     if where is not None:
         query.set("where", where.copy())
     with ctx.catalog.read_lock():
-        rows = run_subquery(ctx, query)
-    return np.array([r[0] for r in rows], dtype=np.int64)
+        return ctx.subquery_ids(query)
 
 
 def delete(catalog: Any, stmt: exp.Delete, ctx: Context) -> Any:

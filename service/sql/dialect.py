@@ -105,6 +105,6 @@ def parse_condition(text: str) -> exp.Expr:
 def to_duckdb(node: exp.Expr) -> str:
     """Render an (already checked and rewritten) AST as DuckDB SQL."""
     try:
-        return node.sql(dialect="duckdb")
+        return node.sql(dialect="duckdb", copy=False)
     except Exception as exc:
         raise error_at(f"cannot translate statement: {exc}", node) from exc

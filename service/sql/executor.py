@@ -129,18 +129,17 @@ def plan_statement(ctx: Context, stmt: exp.Expr) -> list[ScopePlan]:
 
 
 def _execute(ctx: Context, stmt: exp.Expr) -> duckdb.DuckDBPyConnection:
-    sql = to_duckdb(stmt)
     used = {str(p.this) for p in stmt.find_all(exp.Placeholder)}
+    sql = to_duckdb(stmt)
     values = {k: v for k, v in ctx.bound.items() if k in used}
     return ctx.cur.execute(sql, values)
 
 
-def run_subquery(ctx: Context, node: exp.Expr) -> list[tuple[Any, ...]]:
+def run_subquery(ctx: Context, node: exp.Expr) -> duckdb.DuckDBPyConnection:
     """Plan and run a nested query (a vector subquery, an allow-list) on a copy."""
     query = node.copy()
     plan_statement(ctx, query)
-    rows: list[tuple[Any, ...]] = _execute(ctx, query).fetchall()
-    return rows
+    return _execute(ctx, query)
 
 
 def run_query(ctx: Context, stmt: exp.Expr) -> Any:

@@ -184,24 +184,28 @@ def _topk_safe(select: exp.Select) -> bool:
 
 def _allow_ids(select: exp.Select, ctx: Context, table: exp.Table, driving_call: exp.Expr,
                coll: Any) -> np.ndarray | None:
-    """Ids passing the scope's metadata conjuncts (single-table scopes only), or None."""
+    """Ids passing the scope's metadata conjuncts (single-table scopes only), or None.
+
+    The conjuncts move from the scope's WHERE into the allow-list query: the candidates
+    already satisfy them, and left in place DuckDB would push them into a full scan of
+    the table instead of finding the few candidates through its primary-key index."""
     if select.args.get("joins") or select.args.get("laterals"):
         return None
-    metadata = []
+    metadata: list[exp.Expr] = []
+    vector: list[exp.Expr] = []
     for conj in _conjuncts(select.args.get("where")):
-        if any(vector_kind(n) for n in conj.find_all(exp.Func, exp.Distance)):
-            continue
-        metadata.append(conj.copy())
+        has_vector = any(vector_kind(n) for n in conj.find_all(exp.Func, exp.Distance))
+        (vector if has_vector else metadata).append(conj)
     if not metadata:
         return None
-    cond = metadata[0] if len(metadata) == 1 else exp.and_(*metadata)
+    select.set("where", exp.Where(this=exp.and_(*vector, copy=False)) if vector else None)
+    cond = metadata[0] if len(metadata) == 1 else exp.and_(*metadata, copy=False)
     for node in list(cond.find_all(exp.Func, exp.Distance)):
         if anonymous_name(node) in ("JSON_ARRAY_PACK", "JSON_ARRAY_UNPACK",
                                     "VECTOR_NUM_ELEMENTS"):
             rewrite_slow(node, ctx)
     query = exp.select(exp.column("id", table=table.alias_or_name)).from_(table.copy()).where(cond)
-    rows = ctx.run_subquery(ctx, query) if ctx.run_subquery else []
-    return np.fromiter((int(r[0]) for r in rows), dtype=np.int64, count=len(rows))
+    return ctx.subquery_ids(query)
 
 
 def _run_driving(select: exp.Select, ctx: Context, driving: Any, mode: str,
@@ -251,38 +255,9 @@ def _run_driving(select: exp.Select, ctx: Context, driving: Any, mode: str,
         values = values * qnorm
     elif kind == "cos_dist":
         values = 1.0 - values
-    small = not ctx.explain and 0 < len(ids) <= POINT_LOOKUP_MAX
     score_col = ctx.catalog._storage.unique_name("ds_score")
-    cand: exp.Expr
-    if small:
-        # A few candidates travel as two list parameters: no relation to register.
-        cand = exp.Subquery(
-            this=exp.select(
-                exp.alias_(exp.Anonymous(this="unnest", expressions=[
-                    ctx.bind([int(i) for i in ids])]), "id"),
-                exp.alias_(exp.Anonymous(this="unnest", expressions=[
-                    ctx.bind([float(s) for s in values])]), "score"),
-            ),
-            alias=exp.TableAlias(this=exp.to_identifier("__c")),
-        )
-    else:
-        view = ctx.register("cand", {"id": np.asarray(ids, dtype=np.int64), "score": values})
-        cand = exp.Table(this=exp.to_identifier(view),
-                         alias=exp.TableAlias(this=exp.to_identifier("__c")))
+    inner = _candidate_rows(ctx, rec.name, ids, values, score_col)
     alias = table.alias_or_name
-    inner = (
-        exp.select(exp.column(exp.Star(), "__t"),
-                   exp.alias_(exp.column("score", "__c"), score_col))
-        .from_(exp.Table(this=exp.to_identifier(rec.name, quoted=True),
-                         alias=exp.TableAlias(this=exp.to_identifier("__t"))))
-        .join(cand, on="__t.id = __c.id")
-    )
-    if not ctx.explain and len(ids) <= POINT_LOOKUP_MAX:
-        # A short id list lets DuckDB use the primary-key index instead of scanning the table.
-        inner = inner.where(
-            exp.In(this=exp.column("id", "__t"), expressions=[ctx.bind(int(i)) for i in ids])
-            if len(ids) else exp.false()
-        )
     derived = exp.Subquery(this=inner, alias=exp.TableAlias(this=exp.to_identifier(alias)))
     derived.meta["ds_internal"] = True
     inner.meta["ds_internal"] = True
@@ -299,6 +274,32 @@ def _run_driving(select: exp.Select, ctx: Context, driving: Any, mode: str,
     if mode == "top-k" and not select.args.get("distinct") and not select.args.get("group"):
         select.args["order"].append("expressions", exp.Ordered(this=exp.column("id", alias)))
     return plan
+
+
+def _candidate_rows(ctx: Context, table_name: str, ids: np.ndarray, values: np.ndarray,
+                    score_col: str) -> exp.Select:
+    """SELECT the table's rows for the engine's candidates, with their scores as score_col."""
+    rows = exp.Table(this=exp.to_identifier(table_name, quoted=True),
+                     alias=exp.TableAlias(this=exp.to_identifier("__t")))
+    row_id = exp.column("id", "__t")
+    if ctx.explain or not 0 < len(ids) <= POINT_LOOKUP_MAX:
+        # Many (or no) candidates: a registered relation, joined on id.
+        view = ctx.register("cand", {"id": np.asarray(ids, dtype=np.int64), "score": values})
+        cand = exp.Table(this=exp.to_identifier(view),
+                         alias=exp.TableAlias(this=exp.to_identifier("__c")))
+        return (exp.select(exp.column(exp.Star(), "__t"),
+                           exp.alias_(exp.column("score", "__c"), score_col), copy=False)
+                .from_(rows, copy=False)
+                .join(cand, on=exp.EQ(this=row_id, expression=exp.column("id", "__c")),
+                      copy=False))
+    # A few candidates travel as two list parameters. No join: DuckDB finds the rows
+    # through its primary-key index, and each row's score by its id's position.
+    id_list, score_list = ctx.bind([int(i) for i in ids]), ctx.bind([float(v) for v in values])
+    score = exp.Anonymous(this="list_extract", expressions=[
+        score_list, exp.Anonymous(this="list_position", expressions=[id_list, row_id.copy()])])
+    where = exp.In(this=row_id.copy(), expressions=[ctx.bind(int(i)) for i in ids])
+    return (exp.select(exp.column(exp.Star(), "__t"), exp.alias_(score, score_col), copy=False)
+            .from_(rows, copy=False).where(where, copy=False))
 
 
 def _index_threshold(kind: str, metric: str, t: float, qnorm: float) -> float:

@@ -43,7 +43,15 @@ class Context:
     views: list[str] = field(default_factory=list)
     explain: bool = False
     notes: list[str] = field(default_factory=list)
-    run_subquery: Callable[[Context, exp.Expr], list[tuple[Any, ...]]] | None = None
+    # Plans and runs a nested query; returns the cursor holding its result.
+    run_subquery: Callable[[Context, exp.Expr], duckdb.DuckDBPyConnection] | None = None
+
+    def subquery_ids(self, query: exp.Expr) -> npt.NDArray[np.int64]:
+        """The first column of a nested query's result as int64 ids (fetched as numpy)."""
+        if self.run_subquery is None:
+            return np.empty(0, np.int64)
+        columns = self.run_subquery(self, query).fetchnumpy()
+        return np.asarray(next(iter(columns.values())), dtype=np.int64)
 
     def bind(self, value: Any) -> exp.Placeholder:
         name = f"p{len(self.bound)}"
@@ -200,7 +208,7 @@ def eval_vector(node: exp.Expr, ctx: Context, dim: int | None = None) -> bytes:
     elif isinstance(node, exp.Subquery):
         if ctx.run_subquery is None:
             raise error_at("a vector subquery is not allowed here", node)
-        rows = ctx.run_subquery(ctx, node.this)
+        rows = ctx.run_subquery(ctx, node.this).fetchall()
         if len(rows) != 1 or len(rows[0]) != 1:
             raise error_at(
                 f"a vector subquery must return exactly one value, got {len(rows)} rows", node
