@@ -276,9 +276,13 @@ class Catalog:
                     raise Conflict(
                         f"ids already present in {name!r}: {present[:10].tolist()}"
                     )
+            # The index mirrors storage: when no id is stored yet, a plain INSERT does
+            # (DuckDB's INSERT OR REPLACE costs about 2.5x as much per row).
+            overwrite = replace and any(i in coll.index for i in id_arr.tolist())
             self._storage.begin()
             try:
-                self._storage.stage_upsert(rec, id_arr, vec_arr, metadata, thumbnails)
+                self._storage.stage_upsert(rec, id_arr, vec_arr, metadata, thumbnails,
+                                           overwrite=overwrite)
             except DotsearchError:
                 self._storage.rollback()
                 raise

@@ -225,8 +225,11 @@ class Storage:
         vectors: npt.NDArray[np.float32],
         metadata: Sequence[dict[str, Any]] | None,
         thumbnails: Sequence[bytes | None] | None,
+        *,
+        overwrite: bool = True,
     ) -> None:
-        """INSERT OR REPLACE the rows inside the open transaction (ids already unique)."""
+        """Write the rows inside the open transaction (ids already unique): INSERT OR
+        REPLACE, or a plain INSERT when the caller knows that none of the ids is stored."""
         names = ["id", rec.vector_column, *rec.columns]
         select = ["id", quote(rec.vector_column)]
         select += [f"CAST({quote(c)} AS {t}) AS {quote(c)}" for c, t in rec.columns.items()]
@@ -240,6 +243,7 @@ class Storage:
                 texts[c].append(metadata_text(c, t, row.get(c)))
         target = quote(rec.name)
         column_list = ", ".join(quote(n) for n in names)
+        verb = "INSERT OR REPLACE" if overwrite else "INSERT"
         for start in range(0, len(ids), CHUNK_ROWS):
             stop = min(start + CHUNK_ROWS, len(ids))
             batch: dict[str, npt.NDArray[Any]] = {
@@ -253,7 +257,7 @@ class Storage:
                 thumbs += [None] * (stop - start - len(thumbs))
                 batch[THUMBNAIL_COLUMN] = object_column(thumbs)
             self._write_from(batch, lambda view: (
-                f"INSERT OR REPLACE INTO {target} ({column_list}) "
+                f"{verb} INTO {target} ({column_list}) "
                 f"SELECT {', '.join(select)} FROM {view}"))
 
     def stage_delete(self, name: str, ids: npt.NDArray[np.int64]) -> None:

@@ -104,8 +104,18 @@ def test_upsert_replaces_and_delete_takes_effect(tmp_path: Path) -> None:
             cat.get_vector("docs", 4)
         hits = cat.search("docs", new, 20)[0]
         assert 4 not in [h.id for h in hits] and len(hits) == 9
+        # Fresh ids take a plain INSERT, a batch with a stored id INSERT OR REPLACE: a
+        # deleted id is fresh again, and a mixed batch replaces what is stored.
+        cat.upsert("docs", [100], new, [{"label": "again"}])
+        cat.upsert("docs", [200, 6], np.stack([vectors[2], new[0]]),
+                   [{"label": "fresh"}, {"label": "replaced"}])
+        assert cat.get_vector("docs", 100)[1]["label"] == "again"
+        assert cat.get_vector("docs", 6)[1]["label"] == "replaced"
+        np.testing.assert_array_equal(cat.get_vector("docs", 200)[0], vectors[2])
+        cat.delete("docs", [100, 200])
     with Catalog(tmp_path, backend="cpu") as cat:
         assert cat.get_collection("docs").count == 9
+        assert cat.get_vector("docs", 6)[1]["label"] == "replaced"
         with pytest.raises(NotFound):
             cat.get_vector("docs", 100)
 
