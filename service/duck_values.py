@@ -71,39 +71,46 @@ def metadata_text(column: str, sql_type: str, value: Any) -> str | None:
     """One metadata value as the text DuckDB casts to the column type; InvalidInput if wrong."""
     if value is None:
         return None
-    bad = InvalidInput(f"metadata {column!r} ({sql_type}): unacceptable value {value!r}")
+    text = _metadata_text(sql_type, value)
+    if text is None:
+        raise InvalidInput(f"metadata {column!r} ({sql_type}): unacceptable value {value!r}")
+    return text
+
+
+def _metadata_text(sql_type: str, value: Any) -> str | None:
+    """The text for a non-null value, or None when it does not fit the column type."""
     if sql_type == "BIGINT":
         if isinstance(value, bool) or not isinstance(value, int | np.integer):
-            raise bad
+            return None
         if not -(2**63) <= int(value) < 2**63:
-            raise bad
+            return None
         return str(int(value))
     if sql_type == "DOUBLE":
         if isinstance(value, bool) or not isinstance(value, int | float | np.number):
-            raise bad
+            return None
         if not math.isfinite(float(value)):
-            raise bad
+            return None
         return repr(float(value))
     if sql_type == "VARCHAR":
         if not isinstance(value, str):
-            raise bad
+            return None
         return value
     if sql_type == "BOOLEAN":
         if not isinstance(value, bool | np.bool_):
-            raise bad
+            return None
         return "true" if value else "false"
     if sql_type == "TIMESTAMP":
         if isinstance(value, datetime | date):
             return value.isoformat()
         if isinstance(value, str):
             return value
-        raise bad
+        return None
     if sql_type == "JSON":
         try:
             return json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise bad from exc
-    raise bad
+        except (TypeError, ValueError):
+            return None
+    return None
 
 
 def map_duckdb_error(exc: Exception, what: str) -> DotsearchError:
