@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -181,4 +183,29 @@ def test_http_suite_tiny(tmp_path: Path) -> None:
     assert any(r["what"].startswith("search, batching on") for r in rows)
     assert any(r["what"].startswith("search, batching off") for r in rows)
     assert all(r.get("errors", 0) == 0 for r in rows), rows
+    paired = [r for r in rows if r["what"].endswith("alternating blocks")]
+    assert len(paired) == 2 and all(r["p50_ms"] > 0 for r in paired)
+    overhead = [r for r in report.ratios if r["name"].startswith("HTTP p50 - direct p50")]
+    assert len(overhead) == 1 and math.isfinite(overhead[0]["value"])
     _written(report, tmp_path)
+
+
+def test_load_generator_frames_responses_by_content_length() -> None:
+    from bench.loadgen import encode_post, read_response
+
+    request = encode_post("http://127.0.0.1:8765", "/v1/x", b'{"a": 1}')
+    assert request == (b"POST /v1/x HTTP/1.1\r\nHost: 127.0.0.1:8765\r\n"
+                       b"Content-Type: application/json\r\nContent-Length: 8\r\n\r\n"
+                       b'{"a": 1}')
+
+    async def parse(raw: bytes) -> tuple[int, bytes]:
+        reader = asyncio.StreamReader()
+        reader.feed_data(raw)
+        reader.feed_eof()
+        return await read_response(reader)
+
+    two = (b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabcHTTP/1.1 404 Not Found\r\n"
+           b"Content-Length: 0\r\n\r\n")
+    assert asyncio.run(parse(two)) == (200, b"abc")
+    with pytest.raises(RuntimeError, match="Content-Length"):
+        asyncio.run(parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"))
