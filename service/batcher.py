@@ -16,6 +16,7 @@ log = logging.getLogger("dotsearch.batcher")
 # search_fn(collection, queries (q, dim) float32, k, threshold, filter) -> q lists of hits
 SearchFn = Callable[[str, npt.NDArray[np.float32], int, float | None, str | None], list[list[Any]]]
 BatchKey = tuple[str, str | None, float | None, int]
+MAX_TRACKED_KEYS = 4096
 
 
 @dataclass
@@ -42,8 +43,10 @@ class SearchBatcher:
     running queue up, and the moment it returns they run together as the next call, so
     under load each GEMM takes everyone who waited for it (and the batch grows with the
     load) instead of many small calls fighting over the cores. ``window_s`` is how long
-    an idle key waits for company before its first call; ``max_batch`` caps the query
-    rows of one call (the rest wait for the next).
+    an idle key waits for company before its call, while the key has concurrent traffic
+    (its last call merged several searches); a lone client, whose searches come one at a
+    time, never waits for company that will not come. ``max_batch`` caps the query rows
+    of one call (the rest wait for the next).
 
     A call runs ``search_fn`` in a worker thread with k = max(k + offset) over its
     searches; each search gets its own rows, sliced to its own offset and k. If a merged
@@ -58,6 +61,7 @@ class SearchBatcher:
         self.on_batch = on_batch  # (requests, query rows) per engine call, for metrics
         self._groups: dict[BatchKey, _Group] = {}
         self._running: set[BatchKey] = set()
+        self._merging: set[BatchKey] = set()  # keys whose last call merged searches
 
     async def search(self, collection: str, queries: npt.NDArray[np.float32], k: int, *,
                      threshold: float | None = None, filter: str | None = None,
@@ -76,7 +80,8 @@ class SearchBatcher:
             if group.rows >= self.max_batch:
                 self._flush(key)
             elif group.timer is None:
-                group.timer = loop.call_later(self.window_s, self._flush, key)
+                wait = self.window_s if key in self._merging else 0.0
+                group.timer = loop.call_later(wait, self._flush, key)
         return await request.future
 
     def _flush(self, key: BatchKey) -> None:
@@ -96,6 +101,12 @@ class SearchBatcher:
         group.rows -= rows
         if not group.requests:
             del self._groups[key]
+        if len(taken) > 1:
+            if len(self._merging) >= MAX_TRACKED_KEYS:  # many one-off filters: forget
+                self._merging.clear()
+            self._merging.add(key)
+        else:
+            self._merging.discard(key)
         self._running.add(key)
         asyncio.get_running_loop().create_task(self._run(key, taken))
 

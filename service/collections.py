@@ -417,10 +417,12 @@ class Catalog:
             except (ValueError, TypeError) as exc:
                 raise InvalidInput(str(exc)) from exc
             ids, scores = ids[:, offset:], scores[:, offset:]
-            found = np.unique(ids[ids >= 0])
-            meta = self._storage.fetch_rows(
-                self._storage.reader(), name, found, coll.record.columns
-            )
+            meta: dict[int, dict[str, Any]] = {}
+            if coll.record.columns:  # no metadata columns: no DuckDB round trip
+                found = np.unique(ids[ids >= 0])
+                meta = self._storage.fetch_rows(
+                    self._storage.reader(), name, found, coll.record.columns
+                )
         out: list[list[Hit]] = []
         for row_ids, row_scores in zip(ids, scores, strict=True):
             out.append(

@@ -144,3 +144,28 @@ def test_busy_key_queues_searches_for_one_next_call():
     # never two engine calls for one key at once
     assert calls == [1, 4, 2]
     assert most_active[0] == 1
+
+
+def test_window_applies_only_while_the_key_has_concurrent_traffic():
+    import time
+
+    engine = Recorder()
+
+    async def timed(batcher, *queries):
+        start = time.perf_counter()
+        await asyncio.gather(*(batcher.search("a", q, 1) for q in queries))
+        return time.perf_counter() - start
+
+    async def main():
+        batcher = SearchBatcher(engine, window_s=0.3)
+        q = np.ones((1, 4), np.float32)
+        lone = await timed(batcher, q)  # a lone client never waits for company
+        merged = await timed(batcher, q, q * 2)  # still no history: same turn, one call
+        after_merge = await timed(batcher, q)  # concurrent traffic seen: waits the window
+        lone_again = await timed(batcher, q)  # the last call was alone: no wait again
+        return lone, merged, after_merge, lone_again
+
+    lone, merged, after_merge, lone_again = run(main())
+    assert lone < 0.2 and merged < 0.2 and lone_again < 0.2
+    assert after_merge >= 0.25
+    assert [c[1] for c in engine.calls] == [1, 2, 1, 1]
