@@ -205,6 +205,22 @@ def test_filtered_topk_is_exact(catalog: Catalog, data: dict[str, np.ndarray]) -
     assert col(res, "id") == ref_topk(ref, 3, True, both)
 
 
+def test_repeated_statement_text_plans_afresh(catalog: Catalog,
+                                             data: dict[str, np.ndarray]) -> None:
+    """Parsed trees are cached by text: each run must still bind and plan its own copy."""
+    text = ("SELECT id FROM features WHERE year > :y AND label = 'bird' "
+            "ORDER BY DOT_PRODUCT(feature, :q) DESC LIMIT 7")
+    for q, year in [(data["queries"][2], 2005), (data["queries"][3], 2015),
+                    (data["queries"][2], 2005)]:
+        mask = (labels() == "bird") & (data["years"] > year)
+        res = catalog.query(text, {"q": q.tolist(), "y": year})
+        assert col(res, "id") == ref_topk(ref_scores(data, q, "dot"), 7, True, mask)
+    for _ in range(2):
+        with pytest.raises(QueryError, match="unknown table") as info:
+            catalog.query("SELECT id FROM nowhere")
+        assert info.value.position == {"line": 1, "column": 16}
+
+
 def test_offset_pages_are_stable(catalog: Catalog, data: dict[str, np.ndarray]) -> None:
     q = data["queries"][1].tolist()
     pages = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, ClassVar
 
 import sqlglot
@@ -35,6 +36,9 @@ class Dotsearch(SingleStore):
 
 
 DIALECT = Dotsearch()
+# Statements up to this long are parsed once and copied after (clients repeat the same
+# parameterised text); longer ones, such as inline vectors, are one-offs.
+PARSE_CACHE_MAX_CHARS = 4096
 
 
 def position_of(node: exp.Expr | None) -> dict[str, int] | None:
@@ -61,6 +65,17 @@ def parse_script(sql: str) -> list[exp.Expr]:
         raise QueryError("empty query")
     if len(sql) > 4_000_000:
         raise QueryError("query text too long")
+    if len(sql) <= PARSE_CACHE_MAX_CHARS:
+        return [s.copy() for s in _parse_cached(sql)]  # planning rewrites the trees
+    return list(_parse(sql))
+
+
+@lru_cache(maxsize=256)
+def _parse_cached(sql: str) -> tuple[exp.Expr, ...]:
+    return _parse(sql)
+
+
+def _parse(sql: str) -> tuple[exp.Expr, ...]:
     try:
         statements = sqlglot.parse(sql, read=DIALECT)
     except ParseError as exc:
@@ -71,7 +86,7 @@ def parse_script(sql: str) -> list[exp.Expr]:
         raise QueryError("query nested too deeply") from exc
     except Exception as exc:  # sqlglot may raise plain errors on odd input
         raise QueryError(f"syntax error: {type(exc).__name__}: {exc}") from exc
-    out = [s for s in statements if s is not None]
+    out = tuple(s for s in statements if s is not None)
     if not out:
         raise QueryError("empty query")
     return out
