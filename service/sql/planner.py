@@ -182,8 +182,7 @@ def _topk_safe(select: exp.Select) -> bool:
     )
 
 
-def _allow_ids(select: exp.Select, ctx: Context, table: exp.Table, driving_call: exp.Expr,
-               coll: Any) -> np.ndarray | None:
+def _allow_ids(select: exp.Select, ctx: Context, table: exp.Table) -> np.ndarray | None:
     """Ids passing the scope's metadata conjuncts (single-table scopes only), or None.
 
     The conjuncts move from the scope's WHERE into the allow-list query: the candidates
@@ -215,7 +214,7 @@ def _run_driving(select: exp.Select, ctx: Context, driving: Any, mode: str,
     index = coll.index
     query = as_float32(packed).reshape(1, -1)
     qnorm = float(np.linalg.norm(query.astype(np.float64)))
-    allow = _allow_ids(select, ctx, table, call, coll)
+    allow = _allow_ids(select, ctx, table)
     plan = ScopePlan(rec.name, mode, kind, len(index), None if allow is None else len(allow))
     k = None
     if mode == "top-k":
