@@ -47,16 +47,19 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return status, await reader.readexactly(length)
 
 
+async def _connect(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    parts = urlsplit(url)
+    return await asyncio.open_connection(parts.hostname or "127.0.0.1", parts.port or 80)
+
+
 async def run_load(url: str, requests: list[bytes], clients: int, seconds: float) -> LoadResult:
     """``clients`` connections, each sending ``requests`` in turn (from its own offset)
     until ``seconds`` have passed; every response is read before the next request."""
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
     result = LoadResult(elapsed=0.0)
     stop = time.perf_counter() + seconds
 
     async def connection(offset: int) -> None:
-        reader, writer = await asyncio.open_connection(host, port)
+        reader, writer = await _connect(url)
         try:
             i = offset
             while time.perf_counter() < stop:
@@ -81,9 +84,7 @@ async def sequential_latencies(url: str, requests: list[bytes], count: int,
                                offset: int = 0) -> list[float]:
     """Seconds per request of ``count`` requests sent one after another on one keep-alive
     connection (after one untimed request that opens it); raises on a non-2xx answer."""
-    parts = urlsplit(url)
-    reader, writer = await asyncio.open_connection(parts.hostname or "127.0.0.1",
-                                                   parts.port or 80)
+    reader, writer = await _connect(url)
     times: list[float] = []
     try:
         for i in range(offset, offset + count + 1):
