@@ -12,10 +12,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.auth import AuthMiddleware
 from service.batcher import SearchBatcher
 from service.errors import DotsearchError, PayloadTooLarge
+from service.limits import SqlLimits
 from service.metrics import LatencyMiddleware, Metrics
 from service.routes import collections, featurize, health, images, query, search, ui, vectors
 from service.routes.deps import SafeJSONResponse, Services
@@ -24,11 +26,12 @@ from service.settings import Settings, get_settings
 log = logging.getLogger("dotsearch")
 
 
-def _error(status: int, error: str, message: str, detail: Any = None) -> SafeJSONResponse:
+def _error(status: int, error: str, message: str, detail: Any = None,
+           headers: dict[str, str] | None = None) -> SafeJSONResponse:
     body: dict[str, Any] = {"error": error, "message": message}
     if detail is not None:
         body["detail"] = detail
-    return SafeJSONResponse(body, status_code=status)
+    return SafeJSONResponse(body, status_code=status, headers=headers)
 
 
 def _validation_detail(errors: Any) -> list[dict[str, Any]]:
@@ -59,8 +62,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> SafeJSONResponse:
         names = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+        # Starlette's own headers (a 405's Allow) travel with our JSON body.
         return _error(exc.status_code, names.get(exc.status_code, "http_error"),
-                      str(exc.detail))
+                      str(exc.detail), headers=dict(exc.headers or {}))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> SafeJSONResponse:
@@ -69,22 +73,39 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class BodyLimitMiddleware:
-    """Refuses a request whose declared Content-Length is over the limit (413)."""
+    """Refuses a request body over the limit with 413, however it arrives: a declared
+    Content-Length is refused before reading, and a chunked body once it has grown past
+    the limit (the bytes are counted as the app reads them)."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
         self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            for key, value in scope.get("headers", ()):
-                if key == b"content-length" and value.isdigit() and int(value) > self.limit:
-                    exc = PayloadTooLarge(f"request body of {int(value)} bytes; "
-                                          f"the limit is {self.limit}")
-                    response = SafeJSONResponse(exc.to_dict(), status_code=413)
-                    await response(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for key, value in scope.get("headers", ()):
+            if key == b"content-length" and value.isdigit() and int(value) > self.limit:
+                exc = PayloadTooLarge(f"request body of {int(value)} bytes; "
+                                      f"the limit is {self.limit}")
+                response = SafeJSONResponse(exc.to_dict(), status_code=413)
+                await response(scope, receive, send)
+                return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    # An HTTPException passes through FastAPI's body parsing unchanged.
+                    raise StarletteHTTPException(
+                        413, f"request body over the limit of {self.limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def _backend_info(settings: Settings, catalog: Any) -> dict[str, Any]:
@@ -130,7 +151,8 @@ def create_app(settings: Settings | None = None, *, catalog: Any = None,
         if owned:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             services.catalog = Catalog(settings.data_dir, settings.backend,
-                                       duckdb_memory_limit=settings.duckdb_memory_limit)
+                                       duckdb_memory_limit=settings.duckdb_memory_limit,
+                                       sql_limits=SqlLimits.from_settings(settings))
         else:
             services.catalog = catalog
         cat = services.catalog
@@ -165,6 +187,9 @@ def create_app(settings: Settings | None = None, *, catalog: Any = None,
     install_error_handlers(app)
     for module in (health, collections, vectors, search, images, featurize, query, ui):
         app.include_router(module.router)
+    # The last added runs first: time everything, authenticate, then limit the body.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(AuthMiddleware, api_key=settings.api_key,
+                       read_only_api_key=settings.read_only_api_key)
     app.add_middleware(LatencyMiddleware, metrics=metrics)
     return app

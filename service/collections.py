@@ -6,10 +6,10 @@ import logging
 import queue
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import duckdb
 import numpy as np
@@ -19,6 +19,7 @@ from service.catalog_values import CollectionInfo, Hit, QueryResult, as_id_array
 from service.duck_values import canonical_type, check_name, first_row, map_duckdb_error
 from service.errors import Conflict, DotsearchError, InvalidInput, NotFound, NotReady
 from service.index_protocol import VectorIndex
+from service.limits import SqlLimits, Watchdog
 from service.rwlock import RWLock
 from service.storage import RESERVED_COLUMNS, CollectionRecord, Storage
 
@@ -27,6 +28,23 @@ log = logging.getLogger(__name__)
 METRICS = ("dot", "cosine", "l2")
 DTYPES = ("float32", "float16")
 MAX_DIM = 65536
+
+
+# A read that saw a write land mid-way retries; the last try holds the read lock throughout.
+SNAPSHOT_ATTEMPTS = 3
+
+
+class StaleSnapshot(Exception):
+    """A write changed the indexes after this read's DuckDB snapshot was taken: retry."""
+
+
+@dataclass
+class ReadSnapshot:
+    """A pinned DuckDB read transaction and the index generation it matches."""
+
+    cursor: duckdb.DuckDBPyConnection
+    generation: int
+    holds_lock: bool
 
 
 @dataclass
@@ -69,6 +87,11 @@ class Catalog:
     Writes: validate -> commit in DuckDB -> apply to the index -> return. The DuckDB
     commit and the index update happen under the exclusive lock, so a reader sees a
     batch entirely or not at all, in DuckDB and in the index alike.
+
+    Reads that run user SQL (statements, search filters) do not hold the shared lock while
+    DuckDB works: they pin a DuckDB snapshot together with the index generation, and take
+    the lock only around index searches, where a changed generation means "retry". So a
+    slow statement never makes a write, or the searches queued behind it, wait.
     """
 
     def __init__(
@@ -77,9 +100,14 @@ class Catalog:
         backend: str = "auto",
         *,
         duckdb_memory_limit: str = "512MB",
+        sql_limits: SqlLimits | None = None,
     ) -> None:
         self.backend = backend
+        self.sql_limits = sql_limits or SqlLimits()
+        self.watchdog = Watchdog()
         self._storage = Storage(data_dir, memory_limit=duckdb_memory_limit)
+        self._generation = 0  # bumped by every write that changes an index
+        self._local = threading.local()
         self._lock = RWLock()
         self._writer_mutex = threading.RLock()
         self._id_lock = threading.Lock()
@@ -156,6 +184,50 @@ class Catalog:
         with self._lock.read():
             yield
 
+    @contextmanager
+    def snapshot(self, *, hold_lock: bool = False) -> Iterator[ReadSnapshot]:
+        """This thread's cursor in a read transaction pinned to the current indexes.
+
+        Without ``hold_lock`` the shared lock is held only while pinning; index reads then
+        go through ``index_access``. A nested call reuses the open snapshot.
+        """
+        current: ReadSnapshot | None = getattr(self._local, "snapshot", None)
+        if current is not None:
+            yield current
+            return
+        cur = self._storage.reader()
+        with ExitStack() as stack:
+            stack.enter_context(self._lock.read())
+            with suppress(duckdb.Error):
+                cur.execute("ROLLBACK")  # a transaction left open by an interrupted read
+            cur.execute("BEGIN TRANSACTION")
+            # DuckDB fixes a transaction's snapshot at its first read, so read now.
+            cur.execute("SELECT 1 FROM duckdb_tables() LIMIT 0").fetchall()
+            snap = ReadSnapshot(cur, self._generation, hold_lock)
+            if not hold_lock:
+                stack.close()
+            self._local.snapshot = snap
+            try:
+                yield snap
+            finally:
+                self._local.snapshot = None
+                with suppress(duckdb.Error):
+                    cur.execute("ROLLBACK")
+
+    def index_access(self, snap: ReadSnapshot | None) -> Any:
+        """A context for reading indexes under ``snap``: the shared lock, and StaleSnapshot
+        when a write has changed them since the snapshot was pinned."""
+        if snap is None or snap.holds_lock:
+            return nullcontext()
+        return self._checked_read(snap.generation)
+
+    @contextmanager
+    def _checked_read(self, generation: int) -> Iterator[None]:
+        with self._lock.read():
+            if self._generation != generation:
+                raise StaleSnapshot()
+            yield
+
     # -- collections -------------------------------------------------------------------
 
     def list_collections(self) -> list[CollectionInfo]:
@@ -204,6 +276,7 @@ class Catalog:
                 raise Conflict(f"collection {name!r} already exists")
             index = self._make_index(rec)
             with self._lock.write():
+                self._generation += 1
                 self._storage.create_table(rec)
                 coll = Collection(rec, index, 0)
                 self._collections[name] = coll
@@ -213,6 +286,7 @@ class Catalog:
         with self._writer_mutex:
             self._get(name)
             with self._lock.write():
+                self._generation += 1
                 self._storage.drop_table(name)
                 del self._collections[name]
 
@@ -290,6 +364,7 @@ class Catalog:
                 self._storage.rollback()
                 raise map_duckdb_error(exc, f"upsert into {name!r}") from exc
             with self._lock.write():
+                self._generation += 1
                 self._storage.commit()
                 self._apply(coll, lambda: coll.index.add(id_arr, vec_arr))
             with self._id_lock:
@@ -321,6 +396,7 @@ class Catalog:
                 raise map_duckdb_error(exc, f"delete from {name!r}") from exc
             removed = 0
             with self._lock.write():
+                self._generation += 1
                 self._storage.commit()
 
                 def remove() -> None:
@@ -376,10 +452,12 @@ class Catalog:
         return None if row[0] is None else bytes(row[0])
 
     def allow_ids(self, name: str, filter: str) -> npt.NDArray[np.int64]:
-        """Ids whose metadata satisfies the SQL boolean expression (call under read lock)."""
+        """Ids whose metadata satisfies the SQL boolean expression (call in a snapshot or
+        under the read lock), within the SQL limits."""
         from service.sql.filters import filter_ids
 
-        return filter_ids(self, self._get(name).record, filter)
+        with self.watchdog.watch(self.sql_limits, self._storage.reader()):
+            return filter_ids(self, self._get(name).record, filter)
 
     def search(
         self,
@@ -391,7 +469,10 @@ class Catalog:
         filter: str | None = None,
         offset: int = 0,
     ) -> list[list[Hit]]:
-        """Top-k per query, best first, ties by id; ``filter`` pre-filters exactly."""
+        """Top-k per query, best first, ties by id; ``filter`` pre-filters exactly.
+
+        The work is bounded by the collection's size whatever ``k + offset`` asks for.
+        """
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
             raise InvalidInput(f"k must be a positive integer, got {k!r}")
         if isinstance(offset, bool) or not isinstance(offset, int | np.integer) or offset < 0:
@@ -400,29 +481,43 @@ class Catalog:
             isinstance(threshold, bool) or not np.isfinite(float(threshold))
         ):
             raise InvalidInput(f"threshold must be a finite number, got {threshold!r}")
-        with self._lock.read():
-            coll = self._get(name)
-            q = as_vectors(queries, coll.record.dim)
-            if q.shape[0] == 0:
-                raise InvalidInput("at least one query vector is needed")
-            allow = None
-            if filter is not None and str(filter).strip():
-                allow = self.allow_ids(name, filter)
-            if len(coll.index) == 0 or (allow is not None and len(allow) == 0):
+        if filter is None or not str(filter).strip():
+            with self._lock.read():
+                return self._search(name, queries, int(k), int(offset), threshold, None,
+                                    self._storage.reader())
+        # A filter is user SQL: it runs in a snapshot, outside the lock (see the class doc).
+        for attempt in range(SNAPSHOT_ATTEMPTS):
+            with self.snapshot(hold_lock=attempt == SNAPSHOT_ATTEMPTS - 1) as snap:
+                try:
+                    return self._search(name, queries, int(k), int(offset), threshold,
+                                        filter, snap.cursor, snap)
+                except StaleSnapshot:
+                    continue
+        raise AssertionError("unreachable: the last attempt holds the lock")
+
+    def _search(self, name: str, queries: Any, k: int, offset: int, threshold: float | None,
+                filter: str | None, cur: duckdb.DuckDBPyConnection,
+                snap: ReadSnapshot | None = None) -> list[list[Hit]]:
+        coll = self._get(name)
+        q = as_vectors(queries, coll.record.dim)
+        if q.shape[0] == 0:
+            raise InvalidInput("at least one query vector is needed")
+        allow = None if filter is None else self.allow_ids(name, filter)
+        with self.index_access(snap):
+            rows = len(coll.index) if allow is None else min(len(allow), len(coll.index))
+            if rows == 0 or offset >= rows:
                 return [[] for _ in range(q.shape[0])]
             try:
                 scores, ids = coll.index.search(
-                    q, int(k) + int(offset), threshold=threshold, allow=allow
+                    q, min(k + offset, rows), threshold=threshold, allow=allow
                 )
             except (ValueError, TypeError) as exc:
                 raise InvalidInput(str(exc)) from exc
-            ids, scores = ids[:, offset:], scores[:, offset:]
-            meta: dict[int, dict[str, Any]] = {}
-            if coll.record.columns:  # no metadata columns: no DuckDB round trip
-                found = np.unique(ids[ids >= 0])
-                meta = self._storage.fetch_rows(
-                    self._storage.reader(), name, found, coll.record.columns
-                )
+        ids, scores = ids[:, offset:], scores[:, offset:]
+        meta: dict[int, dict[str, Any]] = {}
+        if coll.record.columns:  # no metadata columns: no DuckDB round trip
+            found = np.unique(ids[ids >= 0])
+            meta = self._storage.fetch_rows(cur, name, found, coll.record.columns)
         out: list[list[Hit]] = []
         for row_ids, row_scores in zip(ids, scores, strict=True):
             out.append(
@@ -434,8 +529,13 @@ class Catalog:
             )
         return out
 
-    def query(self, sql: str, params: dict[str, Any] | list[Any] | None = None) -> QueryResult:
-        """Run a SQL script (statements separated by ';'); the last statement's result."""
+    def query(self, sql: str, params: dict[str, Any] | list[Any] | None = None, *,
+              access: Literal["read", "write"] = "write") -> QueryResult:
+        """Run a SQL script (statements separated by ';'); the last statement's result.
+
+        ``access="read"`` (the read-only key) refuses the script, before any statement
+        runs, unless every parsed statement only reads.
+        """
         from service.sql.executor import execute_script
 
-        return execute_script(self, sql, params)
+        return execute_script(self, sql, params, access=access)

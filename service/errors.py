@@ -40,6 +40,24 @@ class QueryError(DotsearchError):
     error = "query_error"
 
 
+class QueryTimeout(QueryError):
+    """A statement ran past DOTSEARCH_SQL_TIMEOUT_S and was interrupted."""
+
+    error = "query_timeout"
+
+
+class QueryTooLarge(QueryError):
+    """SQL text, tokens or nesting beyond the configured bounds."""
+
+    error = "query_too_large"
+
+
+class QueryResourceLimit(QueryError):
+    """A statement needed more memory, result bytes or list/string size than allowed."""
+
+    error = "query_resource_limit"
+
+
 class BadRequest(DotsearchError):
     status_code = 400
     error = "bad_request"
@@ -103,6 +121,9 @@ class SchemaVersionError(StorageError):
 ALL_ERRORS: tuple[type[DotsearchError], ...] = (
     DotsearchError,
     QueryError,
+    QueryTimeout,
+    QueryTooLarge,
+    QueryResourceLimit,
     BadRequest,
     Unauthorized,
     Forbidden,

@@ -9,6 +9,9 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The default SQL text bound, also stated in the OpenAPI schema of the SQL routes.
+MAX_SQL_CHARS = 1_048_576
+
 
 class Settings(BaseSettings):
     """Every knob of the service; each field is also `DOTSEARCH_<NAME>` in the environment."""
@@ -35,6 +38,18 @@ class Settings(BaseSettings):
     api_key: str | None = Field(default=None, description="Read-write API key (X-API-Key)")
     read_only_api_key: str | None = Field(default=None, description="Read-only API key (X-API-Key)")
     duckdb_memory_limit: str = Field(default="512MB", description="DuckDB memory_limit")
+    sql_timeout_s: float = Field(default=5.0, gt=0, le=3600,
+                                 description="Longest a SQL statement or search filter may run")
+    sql_max_chars: int = Field(default=MAX_SQL_CHARS, ge=1, description="Longest SQL text")
+    sql_max_tokens: int = Field(default=50_000, ge=1, description="Most SQL tokens in a request")
+    sql_max_depth: int = Field(default=200, ge=8, le=900,
+                               description="Deepest SQL expression nesting")
+    sql_memory_budget: int = Field(default=1 << 30, ge=1 << 20,
+                                   description="Process memory (bytes) one statement may add")
+    sql_max_result_bytes: int = Field(default=64 << 20, ge=1024,
+                                      description="Largest SQL result, in bytes")
+    header_timeout_s: float = Field(default=10.0, gt=0, le=600,
+                                    description="Time a client has to send request headers")
     log_level: str = Field(default="info", description="Log level")
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import Depends, Header, Request
 from fastapi.responses import JSONResponse
 
-from service.auth import check_access
+from service.auth import Access, authenticate, authorize
 from service.errors import NotReady, PayloadTooLarge
 from service.metrics import Metrics
 from service.settings import Settings
@@ -65,14 +65,26 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 ApiKey = Annotated[str | None, Header(alias="X-API-Key", include_in_schema=False)]
 
 
-def require_read(services: ServicesDep, x_api_key: ApiKey = None) -> None:
-    s = services.settings
-    check_access(x_api_key, "read", api_key=s.api_key, read_only_api_key=s.read_only_api_key)
+def granted_access(request: Request, services: ServicesDep,
+                   x_api_key: ApiKey = None) -> Access:
+    """What the request's key allows: set by AuthMiddleware, else worked out here."""
+    access: Access | None = getattr(request.state, "access", None)
+    if access is None:
+        s = services.settings
+        access = authenticate(x_api_key, api_key=s.api_key,
+                              read_only_api_key=s.read_only_api_key)
+    return access
 
 
-def require_write(services: ServicesDep, x_api_key: ApiKey = None) -> None:
-    s = services.settings
-    check_access(x_api_key, "write", api_key=s.api_key, read_only_api_key=s.read_only_api_key)
+GrantedDep = Annotated[Access, Depends(granted_access)]
+
+
+def require_read(granted: GrantedDep) -> None:
+    authorize(granted, "read")
+
+
+def require_write(granted: GrantedDep) -> None:
+    authorize(granted, "write")
 
 
 READ = [Depends(require_read)]

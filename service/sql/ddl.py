@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from typing import Any
@@ -11,6 +12,7 @@ from sqlglot import exp
 
 from service.duck_values import first_row, map_duckdb_error, quote
 from service.errors import InvalidInput, QueryError
+from service.limits import Watch
 from service.sql.dialect import error_at, parse_script, to_duckdb
 from service.sql.vectors import Context, as_float32, bind_parameters, eval_vector
 
@@ -42,7 +44,8 @@ def reparse_replace(stmt: exp.Command) -> exp.Expr:
     return parsed[0]
 
 
-def execute_other(catalog: Any, stmt: exp.Expr, params: Any, positional: list[int]) -> Any:
+def execute_other(catalog: Any, stmt: exp.Expr, params: Any, positional: list[int],
+                  watch: Watch | None = None) -> Any:
     from service.sql.executor import check_statement
 
     if isinstance(stmt, exp.Create):
@@ -59,7 +62,7 @@ def execute_other(catalog: Any, stmt: exp.Expr, params: Any, positional: list[in
     if isinstance(stmt, exp.Insert | exp.Update | exp.Delete):
         check_statement(stmt, catalog)
         with catalog._writer_mutex:
-            ctx = Context(catalog, catalog.reader())
+            ctx = Context(catalog, catalog.reader(), watch=watch)
             from service.sql.executor import run_subquery
 
             ctx.run_subquery = run_subquery
@@ -307,7 +310,11 @@ def update(catalog: Any, stmt: exp.Update, ctx: Context) -> Any:
     used = {str(p.this) for a in stmt.expressions for p in a.find_all(exp.Placeholder)}
     values = {k: v for k, v in ctx.bound.items() if k in used}
     writer = storage.writer
-    with catalog._lock.write():
+    including = (catalog.watchdog.including(ctx.watch, writer) if ctx.watch is not None
+                 else contextlib.nullcontext())
+    # Metadata only: DuckDB commits it atomically and no index changes, so readers need not
+    # be excluded (the writer mutex, held by the caller, orders it among writes).
+    with including:
         writer.register(view, {"id": ids})
         try:
             storage.begin()

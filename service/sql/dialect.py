@@ -11,7 +11,7 @@ from sqlglot.dialects.singlestore import SingleStore
 from sqlglot.errors import ParseError, TokenError
 from sqlglot.parsers.singlestore import SingleStoreParser
 
-from service.errors import QueryError
+from service.errors import QueryError, QueryTooLarge
 
 # `<*>` needs a token of its own; CARET_AT (Postgres `^@`) is unused by the MySQL family.
 DOT_TOKEN = TokenType.CARET_AT
@@ -36,6 +36,7 @@ class Dotsearch(SingleStore):
 
 
 DIALECT = Dotsearch()
+DEFAULT_MAX_TOKENS = 50_000
 # Statements up to this long are parsed once and copied after (clients repeat the same
 # parameterised text); longer ones, such as inline vectors, are one-offs.
 PARSE_CACHE_MAX_CHARS = 4096
@@ -57,27 +58,34 @@ def error_at(message: str, node: exp.Expr | None = None) -> QueryError:
     return QueryError(message, position=position_of(node))
 
 
-def parse_script(sql: str) -> list[exp.Expr]:
-    """Parse one or more ';'-separated statements; QueryError with position on failure."""
+def parse_script(sql: str, max_tokens: int = DEFAULT_MAX_TOKENS) -> list[exp.Expr]:
+    """Parse one or more ';'-separated statements; QueryError with position on failure,
+    QueryTooLarge past ``max_tokens`` (counted before parsing, which costs far more)."""
     if not isinstance(sql, str):
         raise QueryError(f"sql must be a string, got {type(sql).__name__}")
     if not sql.strip():
         raise QueryError("empty query")
     if len(sql) > 4_000_000:
-        raise QueryError("query text too long")
+        raise QueryTooLarge("query text too long")
     if len(sql) <= PARSE_CACHE_MAX_CHARS:
-        return [s.copy() for s in _parse_cached(sql)]  # planning rewrites the trees
-    return list(_parse(sql))
+        return [s.copy() for s in _parse_cached(sql, max_tokens)]  # planning rewrites trees
+    return list(_parse(sql, max_tokens))
 
 
 @lru_cache(maxsize=256)
-def _parse_cached(sql: str) -> tuple[exp.Expr, ...]:
-    return _parse(sql)
+def _parse_cached(sql: str, max_tokens: int) -> tuple[exp.Expr, ...]:
+    return _parse(sql, max_tokens)
 
 
-def _parse(sql: str) -> tuple[exp.Expr, ...]:
+def _parse(sql: str, max_tokens: int) -> tuple[exp.Expr, ...]:
     try:
-        statements = sqlglot.parse(sql, read=DIALECT)
+        tokens = DIALECT.tokenize(sql)
+        if len(tokens) > max_tokens:
+            raise QueryTooLarge(f"the SQL text has {len(tokens)} tokens; the limit is "
+                                f"{max_tokens} (DOTSEARCH_SQL_MAX_TOKENS)")
+        statements = DIALECT.parser().parse(tokens, sql)
+    except QueryError:
+        raise
     except ParseError as exc:
         raise _syntax_error("syntax error", exc) from exc
     except TokenError as exc:

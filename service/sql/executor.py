@@ -3,46 +3,65 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import duckdb
 from sqlglot import exp
 
+from service.auth import Access
 from service.duck_values import json_value, map_duckdb_error
-from service.errors import DotsearchError, QueryError
+from service.errors import DotsearchError, QueryError, QueryResourceLimit, QueryTooLarge
+from service.limits import Watch
+from service.sql.access import authorize_script
 from service.sql.dialect import error_at, parse_script, to_duckdb
+from service.sql.guards import check_depth, guard_functions
 from service.sql.planner import ScopePlan, plan_select, rewrite_all_slow
 from service.sql.vectors import Context, bind_parameters
 
 log = logging.getLogger(__name__)
 
 MAX_RESULT_ROWS = 100_000
+FETCH_ROWS = 1024
 QUERY_TYPES = (exp.Select, exp.SetOperation)
 DENIED_FUNCTION_PREFIXES = ("duckdb_", "pragma_", "read_", "current_setting", "getenv",
                             "glob", "query", "sniff_", "parquet_", "iceberg_", "delta_")
 
 
-def execute_script(catalog: Any, sql: str, params: dict[str, Any] | list[Any] | None) -> Any:
-    """Parse and run each statement in order; the result of the last one."""
+def execute_script(catalog: Any, sql: str, params: dict[str, Any] | list[Any] | None,
+                   access: Access = "write") -> Any:
+    """Parse and authorise every statement, then run each in order under the SQL limits;
+    the result of the last one."""
     from service.collections import QueryResult
 
+    limits = catalog.sql_limits
     if params is not None and not isinstance(params, dict | list | tuple):
         raise QueryError("params must be an object (for :name) or a list (for ?)")
-    statements = parse_script(sql)
+    if isinstance(sql, str) and len(sql) > limits.max_chars:
+        raise QueryTooLarge(f"the SQL text has {len(sql)} characters; the limit is "
+                            f"{limits.max_chars} (DOTSEARCH_SQL_MAX_CHARS)")
+    statements = parse_script(sql, max_tokens=limits.max_tokens)
+    authorize_script(statements, access)
     positional = [0]
     result = QueryResult([], [], [])
-    for stmt in statements:
-        try:
-            result = execute_statement(catalog, stmt, params, positional)
-        except DotsearchError:
-            raise
-        except duckdb.Error as exc:
-            raise _duckdb_query_error(exc, stmt) from exc
-        except RecursionError as exc:
-            raise error_at("statement nested too deeply", stmt) from exc
-        except Exception as exc:  # never a traceback to the user
-            log.exception("unexpected failure running SQL")
-            raise QueryError(f"could not run statement: {type(exc).__name__}") from exc
+    for number, stmt in enumerate(statements):
+
+        def reparse(number: int = number) -> exp.Expr:
+            return parse_script(sql, max_tokens=limits.max_tokens)[number]
+
+        with catalog.watchdog.watch(limits, catalog.reader()) as watch:
+            try:
+                check_depth(stmt, limits.max_depth)
+                result = execute_statement(catalog, stmt, params, positional, watch, reparse)
+            except DotsearchError:
+                raise
+            except duckdb.Error as exc:
+                raise _duckdb_query_error(exc, stmt) from exc
+            except RecursionError as exc:
+                raise error_at("statement nested too deeply", stmt) from exc
+            except Exception as exc:  # never a traceback to the user
+                log.exception("unexpected failure running SQL")
+                raise QueryError(f"could not run statement: {type(exc).__name__}") from exc
     return result
 
 
@@ -90,29 +109,46 @@ def check_statement(stmt: exp.Expr, catalog: Any) -> None:
             raise error_at(f"function {fname} is not allowed", func)
     for node in stmt.find_all(exp.Command, exp.Pragma, exp.Set, exp.Copy, exp.Attach):
         raise error_at("unsupported statement", node)
+    guard_functions(stmt)
 
 
-def _new_context(catalog: Any, explain: bool = False) -> Context:
-    return Context(catalog, catalog.reader(), explain=explain, run_subquery=run_subquery)
+def _new_context(catalog: Any, watch: Watch | None, snap: Any = None,
+                 explain: bool = False) -> Context:
+    return Context(catalog, catalog.reader(), explain=explain, run_subquery=run_subquery,
+                   watch=watch, index_access=lambda: catalog.index_access(snap))
 
 
-def execute_statement(catalog: Any, stmt: exp.Expr, params: Any, positional: list[int]) -> Any:
+def execute_statement(catalog: Any, stmt: exp.Expr, params: Any, positional: list[int],
+                      watch: Watch | None = None,
+                      reparse: Callable[[], exp.Expr] | None = None) -> Any:
+    """Run one statement. A query runs in a DuckDB snapshot without holding the catalog's
+    lock; if a write changes an index mid-way, it runs again on a fresh copy (``reparse``),
+    the last time holding the lock throughout."""
+    from service.collections import SNAPSHOT_ATTEMPTS, StaleSnapshot
     from service.sql import ddl
 
     if isinstance(stmt, exp.Command) and str(stmt.this).upper() == "REPLACE":
         stmt = ddl.reparse_replace(stmt)
     if isinstance(stmt, exp.Describe) and isinstance(stmt.this, QUERY_TYPES):
         return explain_query(catalog, stmt.this, params, positional)
-    if isinstance(stmt, QUERY_TYPES):
+    if not isinstance(stmt, QUERY_TYPES):
+        return ddl.execute_other(catalog, stmt, params, positional, watch)
+    first_positional = positional[0]
+    for attempt in range(SNAPSHOT_ATTEMPTS):
+        last = attempt == SNAPSHOT_ATTEMPTS - 1 or reparse is None
+        if attempt:
+            stmt, positional[0] = reparse(), first_positional  # type: ignore[misc]
         check_statement(stmt, catalog)
-        with catalog.read_lock():
-            ctx = _new_context(catalog)
+        with catalog.snapshot(hold_lock=last) as snap:
+            ctx = _new_context(catalog, watch, snap)
             try:
                 bind_parameters(stmt, params, ctx, positional)
                 return run_query(ctx, stmt)
+            except StaleSnapshot:
+                continue
             finally:
                 ctx.cleanup()
-    return ddl.execute_other(catalog, stmt, params, positional)
+    raise AssertionError("unreachable: the last attempt holds the lock")
 
 
 def plan_statement(ctx: Context, stmt: exp.Expr) -> list[ScopePlan]:
@@ -129,6 +165,8 @@ def plan_statement(ctx: Context, stmt: exp.Expr) -> list[ScopePlan]:
 
 
 def _execute(ctx: Context, stmt: exp.Expr) -> duckdb.DuckDBPyConnection:
+    if ctx.watch is not None:
+        ctx.watch.check()
     used = {str(p.this) for p in stmt.find_all(exp.Placeholder)}
     sql = to_duckdb(stmt)
     values = {k: v for k, v in ctx.bound.items() if k in used}
@@ -149,12 +187,29 @@ def run_query(ctx: Context, stmt: exp.Expr) -> Any:
     cur = _execute(ctx, stmt)
     names = [d[0] for d in cur.description or []]
     types = [str(d[1]) for d in cur.description or []]
-    rows = cur.fetchmany(MAX_RESULT_ROWS + 1)
-    if len(rows) > MAX_RESULT_ROWS:
-        cur.abort()
-        raise error_at(f"result has more than {MAX_RESULT_ROWS} rows; add a LIMIT", stmt)
-    converted = [[_cell(v, t) for v, t in zip(row, types, strict=True)] for row in rows]
+    max_bytes = ctx.catalog.sql_limits.max_result_bytes
+    converted: list[list[Any]] = []
+    size = 0
+    while batch := cur.fetchmany(FETCH_ROWS):
+        if len(converted) + len(batch) > MAX_RESULT_ROWS:
+            raise error_at(f"result has more than {MAX_RESULT_ROWS} rows; add a LIMIT", stmt)
+        for row in batch:
+            size += sum(_cell_bytes(v) for v in row)
+            converted.append([_cell(v, t) for v, t in zip(row, types, strict=True)])
+        if size > max_bytes:
+            raise QueryResourceLimit(
+                f"the result is larger than {max_bytes} bytes; add a LIMIT, select fewer "
+                "columns, or raise DOTSEARCH_SQL_MAX_RESULT_BYTES")
     return QueryResult(names, types, converted)
+
+
+def _cell_bytes(value: Any) -> int:
+    """About what a value takes in the JSON answer (exact for text and bytes)."""
+    if isinstance(value, str | bytes | bytearray | memoryview):
+        return len(value) + 2
+    if isinstance(value, list | tuple | dict):
+        return 16 * len(value) + 2
+    return 16
 
 
 def _cell(value: Any, sql_type: str) -> Any:
@@ -175,7 +230,7 @@ def explain_query(catalog: Any, query: exp.Expr, params: Any, positional: list[i
 
     check_statement(query, catalog)
     with catalog.read_lock():
-        ctx = _new_context(catalog, explain=True)
+        ctx = _new_context(catalog, None, explain=True)
         try:
             bind_parameters(query, params, ctx, positional)
             plans = plan_statement(ctx, query)

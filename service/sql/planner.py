@@ -232,22 +232,8 @@ def _run_driving(select: exp.Select, ctx: Context, driving: Any, mode: str,
             break
     if mode == "range" and threshold is None:
         mode = plan.mode = "scored scan"
-    ids = np.empty(0, dtype=np.int64)
-    scores = np.empty(0, dtype=np.float32)
-    n_rows = len(index) if allow is None else len(allow)
-    if not ctx.explain and n_rows > 0 and len(index) > 0:
-        try:
-            if mode == "range":
-                assert threshold is not None
-                _, scores, ids, _ = index.range_search(query, threshold, allow=allow)
-            else:
-                kk = n_rows if k is None else min(k, n_rows)
-                if kk > 0:
-                    s2, i2 = index.search(query, kk, threshold=threshold, allow=allow)
-                    keep = i2[0] >= 0
-                    scores, ids = s2[0][keep], i2[0][keep]
-        except (ValueError, TypeError) as exc:
-            raise InvalidInput(f"vector search failed: {exc}") from exc
+    with ctx.index_access():
+        ids, scores = _search_index(ctx, index, query, mode, k, threshold, allow)
     plan.candidates = len(ids)
     values = scores.astype(np.float64)
     if kind == "dot" and rec.metric == "cosine":
@@ -273,6 +259,29 @@ def _run_driving(select: exp.Select, ctx: Context, driving: Any, mode: str,
     if mode == "top-k" and not select.args.get("distinct") and not select.args.get("group"):
         select.args["order"].append("expressions", exp.Ordered(this=exp.column("id", alias)))
     return plan
+
+
+def _search_index(ctx: Context, index: Any, query: np.ndarray, mode: str, k: int | None,
+                  threshold: float | None, allow: np.ndarray | None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The engine's candidate (ids, scores) for one scope (none when explaining)."""
+    ids = np.empty(0, dtype=np.int64)
+    scores = np.empty(0, dtype=np.float32)
+    n_rows = len(index) if allow is None else len(allow)
+    if not ctx.explain and n_rows > 0 and len(index) > 0:
+        try:
+            if mode == "range":
+                assert threshold is not None
+                _, scores, ids, _ = index.range_search(query, threshold, allow=allow)
+            else:
+                kk = n_rows if k is None else min(k, n_rows)
+                if kk > 0:
+                    s2, i2 = index.search(query, kk, threshold=threshold, allow=allow)
+                    keep = i2[0] >= 0
+                    scores, ids = s2[0][keep], i2[0][keep]
+        except (ValueError, TypeError) as exc:
+            raise InvalidInput(f"vector search failed: {exc}") from exc
+    return ids, scores
 
 
 def _candidate_rows(ctx: Context, table_name: str, ids: np.ndarray, values: np.ndarray,

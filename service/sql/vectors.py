@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,7 @@ import numpy.typing as npt
 from sqlglot import exp
 
 from service.errors import QueryError
+from service.limits import Watch
 from service.sql.dialect import error_at
 from service.sql.functions import pack_json, pack_values
 
@@ -45,6 +47,9 @@ class Context:
     notes: list[str] = field(default_factory=list)
     # Plans and runs a nested query; returns the cursor holding its result.
     run_subquery: Callable[[Context, exp.Expr], duckdb.DuckDBPyConnection] | None = None
+    # The statement's time and memory watch, and the context for reading an index.
+    watch: Watch | None = None
+    index_access: Callable[[], AbstractContextManager[Any]] = nullcontext
 
     def subquery_ids(self, query: exp.Expr) -> npt.NDArray[np.int64]:
         """The first column of a nested query's result as int64 ids (fetched as numpy)."""

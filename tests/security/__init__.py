@@ -1,0 +1,1 @@
+"""Security and reliability tests: auth, limits, fuzzing, resource bombs, disk full."""
