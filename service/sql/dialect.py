@@ -91,7 +91,8 @@ def _parse(sql: str, max_tokens: int) -> tuple[exp.Expr, ...]:
     except TokenError as exc:
         raise QueryError(f"syntax error: {str(exc).splitlines()[0]}") from exc
     except RecursionError as exc:
-        raise QueryError("query nested too deeply") from exc
+        raise QueryTooLarge("the statement nests too deeply for the SQL parser (it takes a few "
+                            "dozen levels of parentheses or calls)") from exc
     except Exception as exc:  # sqlglot may raise plain errors on odd input
         raise QueryError(f"syntax error: {type(exc).__name__}: {exc}") from exc
     out = tuple(s for s in statements if s is not None)

@@ -15,7 +15,7 @@ from service.errors import DotsearchError, QueryError, QueryResourceLimit, Query
 from service.limits import Watch
 from service.sql.access import authorize_script
 from service.sql.dialect import error_at, parse_script, to_duckdb
-from service.sql.guards import check_depth, guard_functions
+from service.sql.guards import check_depth, guard_error, guard_functions
 from service.sql.planner import ScopePlan, plan_select, rewrite_all_slow
 from service.sql.vectors import Context, bind_parameters
 
@@ -66,6 +66,9 @@ def execute_script(catalog: Any, sql: str, params: dict[str, Any] | list[Any] | 
 
 
 def _duckdb_query_error(exc: duckdb.Error, stmt: exp.Expr) -> DotsearchError:
+    guarded = guard_error(exc)
+    if guarded is not None:
+        return guarded
     err = map_duckdb_error(exc, "query failed")
     message = str(exc)
     if '"' in message:

@@ -13,6 +13,7 @@ from service.duck_values import map_duckdb_error
 from service.errors import QueryError
 from service.sql.dialect import error_at, parse_condition, to_duckdb
 from service.sql.executor import check_statement
+from service.sql.guards import guard_error
 from service.sql.vectors import anonymous_name, vector_kind
 from service.storage import CollectionRecord
 
@@ -44,6 +45,9 @@ def filter_ids(catalog: Any, rec: CollectionRecord, text: str) -> npt.NDArray[np
     try:
         got = catalog.reader().execute(to_duckdb(query)).fetchnumpy()["id"]
     except duckdb.Error as exc:
+        guarded = guard_error(exc)
+        if guarded is not None:
+            raise guarded from exc
         err = map_duckdb_error(exc, "filter failed")
         raise QueryError(err.message) from exc
     return np.asarray(got, dtype=np.int64)

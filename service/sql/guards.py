@@ -17,8 +17,19 @@ MAX_LIST_ELEMENTS = 10_000
 MAX_STRING_BYTES = 65_536
 MAX_FORMAT_WIDTH = 1_000
 
+GUARD_TAG = "(a dotsearch bound)"
 LAMBDA_MESSAGE = ("lambda functions and list comprehensions are not supported (their output "
                   "is not bounded)")
+
+
+def guard_error(exc: Exception) -> QueryResourceLimit | None:
+    """The size guard's own error when DuckDB raised it (through error()), else None."""
+    text = str(exc)
+    if GUARD_TAG not in text:
+        return None
+    message = text.split("Error: ", 1)[-1].split(GUARD_TAG)[0].strip()
+    return QueryResourceLimit(f"{message}; dotsearch bounds one list at {MAX_LIST_ELEMENTS} "
+                              f"elements and one string at {MAX_STRING_BYTES} bytes")
 
 
 def _num(node: exp.Expr) -> exp.Expr:
@@ -117,8 +128,8 @@ def function_name(node: exp.Expr) -> str:
 
 
 def check_depth(stmt: exp.Expr, max_depth: int) -> None:
-    """QueryTooLarge when expressions nest deeper than ``max_depth``. A chain of one operator
-    (a OR b OR c ...) counts once: it is a list, not nesting."""
+    """QueryTooLarge when expressions nest deeper than ``max_depth``. A chain of ANDs or ORs
+    counts once: it is a list, not nesting (sqlglot walks those without recursion)."""
     stack: list[tuple[exp.Expr, int]] = [(stmt, 0)]
     while stack:
         node, depth = stack.pop()
@@ -127,7 +138,7 @@ def check_depth(stmt: exp.Expr, max_depth: int) -> None:
                 f"the statement nests expressions more than {max_depth} deep; simplify it or "
                 "raise DOTSEARCH_SQL_MAX_DEPTH", position=position_of(node))
         for child in node.iter_expressions():
-            same_chain = isinstance(child, exp.Connector | exp.Binary) and type(child) is type(node)
+            same_chain = isinstance(child, exp.Connector) and type(child) is type(node)
             stack.append((child, depth if same_chain else depth + 1))
 
 
@@ -136,8 +147,7 @@ def _guard(node: exp.Expr, what: str, size: exp.Expr, bound: int) -> exp.Expr:
     argument, not around the call: DuckDB folds constant calls while planning, so a wrapped
     `range(1000000000)` would be built before any CASE could stop it."""
     name = function_name(node).lower()
-    message = (f"{name}() would make more than {bound} {what} in one value "
-               f"(dotsearch's bound on {name})")
+    message = f"{name}() would make more than {bound} {what} in one value {GUARD_TAG}"
     fail = exp.Anonymous(this="error", expressions=[exp.Literal.string(message)])
     return exp.Case(ifs=[exp.If(this=exp.GT(this=size, expression=exp.Literal.number(bound)),
                                 true=fail)])
