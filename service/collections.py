@@ -21,7 +21,7 @@ from service.errors import Conflict, DotsearchError, InvalidInput, NotFound, Not
 from service.index_protocol import VectorIndex
 from service.limits import SqlLimits, Watchdog
 from service.rwlock import RWLock
-from service.storage import RESERVED_COLUMNS, CollectionRecord, Storage
+from service.storage import META_TABLE, RESERVED_COLUMNS, CollectionRecord, Storage
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ class Catalog:
                 cur.execute("ROLLBACK")  # a transaction left open by an interrupted read
             cur.execute("BEGIN TRANSACTION")
             # DuckDB fixes a transaction's snapshot at its first read, so read now.
-            cur.execute("SELECT 1 FROM duckdb_tables() LIMIT 0").fetchall()
+            cur.execute(f"SELECT 1 FROM {META_TABLE} LIMIT 0").fetchall()
             snap = ReadSnapshot(cur, self._generation, hold_lock)
             if not hold_lock:
                 stack.close()
