@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 METRICS = ("dot", "cosine", "l2")
 DTYPES = ("float32", "float16")
 MAX_DIM = 65536
+MAX_SEARCH_HITS = 1_000_000  # query rows x results of one search (its answer's size)
 
 
 # A read that saw a write land mid-way retries; the last try holds the read lock throughout.
@@ -507,6 +508,10 @@ class Catalog:
             rows = len(coll.index) if allow is None else min(len(allow), len(coll.index))
             if rows == 0 or offset >= rows:
                 return [[] for _ in range(q.shape[0])]
+            if q.shape[0] * min(k + offset, rows) > MAX_SEARCH_HITS:
+                raise InvalidInput(
+                    f"{q.shape[0]} queries x {min(k + offset, rows)} results is more than "
+                    f"{MAX_SEARCH_HITS} hits in one search; send fewer queries or a smaller k")
             try:
                 scores, ids = coll.index.search(
                     q, min(k + offset, rows), threshold=threshold, allow=allow

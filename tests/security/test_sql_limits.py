@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.collections import Catalog
+from service.errors import InvalidInput
 from service.limits import SqlLimits
 from service.settings import Settings
 
@@ -239,3 +240,12 @@ def test_method_not_allowed_says_what_is(client):
     assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
     assert set(r.headers["allow"].replace(" ", "").split(",")) >= {"GET", "POST"}
     assert "PUT" not in r.headers["allow"]
+
+
+def test_search_answer_size_is_bounded(tmp_path):
+    with Catalog(tmp_path / "d", "cpu") as cat:
+        cat.create_collection("c", 2, "dot")
+        cat.upsert("c", np.arange(2000), np.ones((2000, 2)))
+        with pytest.raises(InvalidInput, match="hits in one search"):
+            cat.search("c", np.ones((600, 2)), 100_000)
+        assert len(cat.search("c", np.ones((400, 2)), 100_000)[0]) == 2000
