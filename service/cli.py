@@ -50,12 +50,15 @@ def serve(host: Annotated[str | None, typer.Option(help="[env DOTSEARCH_HOST]")]
     import uvicorn
 
     from service.app import create_app
+    from service.http_server import http_protocol
 
     settings = _settings(host=host, port=port, data_dir=data_dir, backend=backend,
                          weights=weights)
     _logging(settings.log_level)
+    # http=: uvicorn's HTTP/1.1 protocol plus a request-head read timeout (slowloris)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), timeout_graceful_shutdown=30)
+                log_level=settings.log_level.lower(), timeout_graceful_shutdown=30,
+                http=http_protocol(settings.header_timeout_s))
 
 
 def _image_files(folder: Path) -> list[Path]:
