@@ -90,6 +90,13 @@ def resolve_table(catalog: Any, name: str) -> str | None:
 
 def check_statement(stmt: exp.Expr, catalog: Any) -> None:
     """Refuse what is not ours to run: unknown tables, table functions, internal tables."""
+    if isinstance(stmt, exp.DML) and stmt.args.get("with_"):
+        raise error_at(f"WITH before {type(stmt).__name__.upper()} is not supported; put the "
+                       "query in its WHERE clause", stmt)
+    for node in stmt.walk():
+        if node is not stmt and isinstance(node, exp.DML):
+            raise error_at(f"{type(node).__name__.upper()} inside another statement is not "
+                           "supported", node)
     cte_names = {cte.alias_or_name.lower() for cte in stmt.find_all(exp.CTE)}
     for table in stmt.find_all(exp.Table):
         if not isinstance(table.this, exp.Identifier):
@@ -132,6 +139,7 @@ def execute_statement(catalog: Any, stmt: exp.Expr, params: Any, positional: lis
 
     if isinstance(stmt, exp.Command) and str(stmt.this).upper() == "REPLACE":
         stmt = ddl.reparse_replace(stmt)
+    stmt = _unwrapped(stmt)
     if isinstance(stmt, exp.Describe) and isinstance(stmt.this, QUERY_TYPES):
         return explain_query(catalog, stmt.this, params, positional)
     if not isinstance(stmt, QUERY_TYPES):
@@ -140,7 +148,7 @@ def execute_statement(catalog: Any, stmt: exp.Expr, params: Any, positional: lis
     for attempt in range(SNAPSHOT_ATTEMPTS):
         last = attempt == SNAPSHOT_ATTEMPTS - 1 or reparse is None
         if attempt:
-            stmt, positional[0] = reparse(), first_positional  # type: ignore[misc]
+            stmt, positional[0] = _unwrapped(reparse()), first_positional  # type: ignore[misc]
         check_statement(stmt, catalog)
         with catalog.snapshot(hold_lock=last) as snap:
             ctx = _new_context(catalog, watch, snap)
@@ -152,6 +160,13 @@ def execute_statement(catalog: Any, stmt: exp.Expr, params: Any, positional: lis
             finally:
                 ctx.cleanup()
     raise AssertionError("unreachable: the last attempt holds the lock")
+
+
+def _unwrapped(stmt: exp.Expr) -> exp.Expr:
+    """`(SELECT ...)` written as a statement is that SELECT."""
+    while isinstance(stmt, exp.Subquery) and not stmt.alias:
+        stmt = stmt.this
+    return stmt
 
 
 def plan_statement(ctx: Context, stmt: exp.Expr) -> list[ScopePlan]:
