@@ -117,7 +117,7 @@ class Catalog:
         try:
             from service.sql.functions import register_functions
 
-            register_functions(self._storage.con)
+            self._storage.on_open(register_functions)
             self._load()
         except BaseException:
             self._storage.close()

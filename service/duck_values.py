@@ -113,22 +113,90 @@ def _metadata_text(sql_type: str, value: Any) -> str | None:
     return None
 
 
+# What DuckDB's I/O errors carry (from strerror) -> the cause in the service's own words,
+# and when writes work again.
+FREED = "space is freed in the data directory"
+WRITABLE = "the data directory is writable again"
+STORAGE_CAUSES: tuple[tuple[str, str, str], ...] = (
+    ("No space left", "the disk holding the data directory is full", FREED),
+    ("Disk quota", "the data directory is over its disk quota", FREED),
+    ("File too large", "a database file reached the file-size limit", FREED),
+    ("Read-only file system", "the data directory is on a read-only file system", WRITABLE),
+    ("Permission denied", "the server may not write to the data directory", WRITABLE),
+)
+ENGINE_STOPPED = "database has been invalidated"
+STORAGE_LOST = ("storage is unavailable after a storage failure: restart the server once space "
+                "is freed in the data directory (every acknowledged write is kept)")
+# The DuckDB errors a failed read or write of the database files comes as (a failed COMMIT
+# is a TransactionException, a failed checkpoint a FatalException).
+STORAGE_FAILURES = (duckdb.IOException, duckdb.FatalException, duckdb.TransactionException,
+                    duckdb.InternalException)
+
+
+def storage_cause(exc: Exception) -> tuple[str, str] | None:
+    """Why a storage operation failed and when writes work again, in our words (no paths,
+    no DuckDB error names); None when ``exc`` is not a storage failure (a bad query, a
+    constraint, a conflict)."""
+    if not isinstance(exc, STORAGE_FAILURES):
+        return None  # other errors may quote the user's values: never read causes from them
+    text = str(exc)
+    for needle, cause, remedy in STORAGE_CAUSES:
+        if needle in text:
+            return cause, remedy
+    if isinstance(exc, duckdb.IOException) or "Could not write" in text:
+        return "an I/O error occurred in the data directory", "the I/O error is resolved"
+    if engine_stopped(exc):
+        return "the database engine stopped after a storage failure", FREED
+    if isinstance(exc, duckdb.InternalException):
+        return "the database engine failed internally", "the server is restarted"
+    return None  # a TransactionException that is a conflict, not a storage failure
+
+
+def engine_stopped(exc: Exception) -> bool:
+    """DuckDB invalidated its database: nothing works on it until it is opened again."""
+    return isinstance(exc, duckdb.FatalException) or ENGINE_STOPPED in str(exc)
+
+
+def _and_stopped(cause: str) -> str:
+    return cause if "engine stopped" in cause else f"{cause}, and the database engine stopped"
+
+
 def map_duckdb_error(exc: Exception, what: str) -> DotsearchError:
-    """Translate a DuckDB exception into the service's hierarchy (message without SQL echo)."""
+    """Translate a DuckDB exception into the service's hierarchy (message without SQL echo;
+    storage failures in our own words, without DuckDB's internals or file paths)."""
+    found = storage_cause(exc)
+    if found is not None:
+        head = what if what.endswith("failed") else f"{what} failed"
+        if engine_stopped(exc):
+            return StorageError(f"{head}: {_and_stopped(found[0])}; restart the server once "
+                                f"{found[1]}")
+        return StorageError(f"{head}: {found[0]}; writes work again once {found[1]}")
     message = str(exc).split("\n\nLINE", 1)[0].split("\nLINE", 1)[0].strip()
     if isinstance(exc, duckdb.ConstraintException):
         return Conflict(f"{what}: {message}")
     if isinstance(exc, duckdb.ConversionException | duckdb.InvalidInputException):
         return InvalidInput(f"{what}: {message}")
-    io_words = ("No space left", "Could not write", "File too large", "Permission denied",
-                "Disk quota")
-    if isinstance(
-        exc, duckdb.IOException | duckdb.FatalException | duckdb.InternalException
-    ) or any(word in message for word in io_words):
-        return StorageError(f"{what} failed in storage: {message}")
     if isinstance(exc, duckdb.OutOfMemoryException):
-        return StorageError(f"{what}: DuckDB ran out of its memory budget: {message}")
+        return StorageError(f"{what}: the database engine ran out of its memory budget "
+                            "(DOTSEARCH_DUCKDB_MEMORY_LIMIT)")
     return QueryError(f"{what}: {message}")
+
+
+def write_failure(exc: Exception, lead: str, *, reopened: bool | None) -> DotsearchError:
+    """A failed write in our words. ``reopened``: None when DuckDB went on working, else
+    whether the database could be opened again after DuckDB invalidated it."""
+    found = storage_cause(exc)
+    if found is None:
+        return map_duckdb_error(exc, lead)
+    cause, remedy = found
+    if reopened is None:
+        return StorageError(f"{lead}: {cause}; reads go on, and writes work again once {remedy}")
+    if reopened:
+        return StorageError(f"{lead}: {_and_stopped(cause)}; it was reopened from its last "
+                            "committed state, so reads go on, and writes work again once "
+                            f"{remedy}")
+    return StorageError(f"{lead}: {_and_stopped(cause)} and could not be reopened: restart the "
+                        f"server once {remedy} (every acknowledged write is kept)")
 
 
 def first_row(cur: duckdb.DuckDBPyConnection) -> tuple[Any, ...] | None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
+import shutil
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -15,20 +18,23 @@ import numpy as np
 import numpy.typing as npt
 
 from service.duck_values import (
+    STORAGE_LOST,
     THUMBNAIL_COLUMN,
     blob_column,
     decode_json,
+    engine_stopped,
     first_row,
     json_value,
     map_duckdb_error,
     metadata_text,
     object_column,
     quote,
+    storage_cause,
+    write_failure,
 )
-from service.errors import (
-    SchemaVersionError,
-    StorageError,
-)
+from service.errors import DotsearchError, SchemaVersionError, StorageError
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 DB_FILENAME = "dotsearch.duckdb"
@@ -38,6 +44,11 @@ COLLECTIONS_TABLE = "_dotsearch_collections"
 CHUNK_ROWS = 8192
 
 RESERVED_COLUMNS = {"id", THUMBNAIL_COLUMN, "rowid"}
+# A checkpoint that runs out of disk space stops DuckDB (every statement fails until the
+# database is opened again); a WAL append that runs out just fails its commit. Automatic
+# checkpoints pause while the disk lacks room for one: 2x WAL and staged batch + headroom.
+CHECKPOINT_HEADROOM = 64 << 20
+CHECKPOINT_PAUSED = "1000000GB"
 
 
 @dataclass
@@ -57,23 +68,27 @@ class Storage:
     """The DuckDB database: per-thread read cursors, one writer cursor, catalog tables.
 
     Writes go through ``writer`` only, under the caller's writer mutex; each reader
-    thread gets its own cursor (a DuckDB connection to the same database).
+    thread gets its own cursor (a DuckDB connection to the same database). A write that
+    fails in storage (full disk, I/O error) is rolled back and raises StorageError in our
+    words; should DuckDB invalidate its database, ``commit`` reopens it so reads go on.
     """
 
-    def __init__(
-        self,
-        data_dir: Path | str,
-        *,
-        memory_limit: str = "512MB",
-        checkpoint_threshold: str = "256MB",
-    ) -> None:
+    def __init__(self, data_dir: Path | str, *, memory_limit: str = "512MB",
+                 checkpoint_threshold: str = "256MB") -> None:
         self.data_dir = Path(data_dir)
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot create data directory {self.data_dir}: {exc}") from exc
         self.path = self.data_dir / DB_FILENAME
-        config: dict[str, str | bool | int | float | list[str]] = {
+        self._checkpoint_threshold = checkpoint_threshold
+        self._checkpoints_paused = False
+        self._checkpoint_headroom = CHECKPOINT_HEADROOM
+        self._staged_bytes = 0
+        self._open_hooks: list[Callable[[duckdb.DuckDBPyConnection], None]] = []
+        self._generation = 0  # bumped when the database is opened again after a failure
+        self.broken: str | None = None  # why storage cannot be used until a restart
+        self._config: dict[str, str | bool | int | float | list[str]] = {
             "memory_limit": memory_limit,
             "enable_external_access": False,
             "preserve_insertion_order": False,
@@ -83,27 +98,48 @@ class Storage:
             "checkpoint_threshold": checkpoint_threshold,
             "force_compression": "uncompressed",
         }
-        try:
-            self.con = duckdb.connect(str(self.path), config=config)
-        except duckdb.Error as exc:
-            raise StorageError(f"cannot open {self.path}: {str(exc).splitlines()[0]}") from exc
         self._local = threading.local()
         self._cursors: list[duckdb.DuckDBPyConnection] = []
         self._cursors_lock = threading.Lock()
         self._register_counter = 0
-        self.writer = self.con.cursor()
+        self._connect()
         self._init_schema()
+
+    def _connect(self) -> None:
+        self._config["checkpoint_threshold"] = (
+            CHECKPOINT_PAUSED if self._checkpoints_paused else self._checkpoint_threshold)
+        try:
+            self.con = duckdb.connect(str(self.path), config=self._config)
+        except duckdb.Error as exc:
+            raise StorageError(f"cannot open {self.path}: {str(exc).splitlines()[0]}") from exc
+        self._writer = self.con.cursor()
+
+    @property
+    def writer(self) -> duckdb.DuckDBPyConnection:
+        """The one cursor that writes (StorageError while storage is unusable)."""
+        if self.broken is not None:
+            raise StorageError(self.broken)
+        return self._writer
+
+    def on_open(self, hook: Callable[[duckdb.DuckDBPyConnection], None]) -> None:
+        """Run ``hook`` on the connection now and again whenever the database is reopened
+        (to register functions)."""
+        hook(self.con)
+        self._open_hooks.append(hook)
 
     # -- connections -------------------------------------------------------------------
 
     def reader(self) -> duckdb.DuckDBPyConnection:
-        """This thread's own cursor."""
-        cur: duckdb.DuckDBPyConnection | None = getattr(self._local, "cursor", None)
-        if cur is None:
-            cur = self.con.cursor()
-            self._local.cursor = cur
-            with self._cursors_lock:
-                self._cursors.append(cur)
+        """This thread's own cursor (a new one after the database was reopened)."""
+        got: tuple[int, duckdb.DuckDBPyConnection] | None = getattr(self._local, "cursor", None)
+        if got is not None and got[0] == self._generation:
+            return got[1]
+        if self.broken is not None:
+            raise StorageError(self.broken)
+        cur = self.con.cursor()
+        self._local.cursor = (self._generation, cur)
+        with self._cursors_lock:
+            self._cursors.append(cur)
         return cur
 
     def unique_name(self, prefix: str) -> str:
@@ -113,121 +149,145 @@ class Storage:
 
     def close(self) -> None:
         with self._cursors_lock:
-            for cur in self._cursors:
+            for cur in [*self._cursors, self._writer, self.con]:
                 with contextlib.suppress(duckdb.Error):
                     cur.close()
             self._cursors.clear()
+
+    def _reopen(self) -> bool:
+        """Open the database again after DuckDB invalidated it (its WAL and last checkpoint
+        hold every committed write). Only under the caller's exclusive lock: every cursor
+        is closed, so no reader may be using one."""
+        self.close()
+        self._generation += 1
         try:
-            self.writer.close()
-            self.con.close()
-        except duckdb.Error:
-            pass
+            self._connect()
+            first_row(self._writer.execute(f"SELECT count(*) FROM {META_TABLE}"))
+            for hook in self._open_hooks:
+                hook(self.con)
+        except (duckdb.Error, StorageError) as exc:
+            log.error("could not reopen %s after a storage failure: %s", self.path, exc)
+            self.close()
+            self.broken = STORAGE_LOST
+            return False
+        log.warning("reopened %s after a storage failure", self.path)
+        return True
+
+    def _failed(self, exc: duckdb.Error, lead: str) -> DotsearchError:
+        """A failed write, rolled back, in our words; reopens the database DuckDB stopped."""
+        self.rollback()
+        if storage_cause(exc) is None:
+            return map_duckdb_error(exc, lead)
+        log.error("%s: %s", lead, exc)  # DuckDB's own words, with paths: for the log only
+        if not engine_stopped(exc):
+            return write_failure(exc, lead, reopened=None)
+        # A checkpoint ran out of room after all: reopen with checkpoints paused, and ask
+        # for more room before the next one.
+        self._checkpoints_paused = True
+        self._checkpoint_headroom *= 4
+        return write_failure(exc, lead, reopened=self._reopen())
 
     # -- schema ------------------------------------------------------------------------
 
     def _init_schema(self) -> None:
         cur = self.writer
-        found_tables = cur.execute("SELECT table_name FROM duckdb_tables()").fetchall()
-        tables = {row[0] for row in found_tables}
-        if META_TABLE not in tables:
+        if (META_TABLE,) not in cur.execute("SELECT table_name FROM duckdb_tables()").fetchall():
             cur.execute("BEGIN")
             cur.execute(f"CREATE TABLE {META_TABLE} (key VARCHAR PRIMARY KEY, value VARCHAR)")
-            cur.execute(
-                f"CREATE TABLE {COLLECTIONS_TABLE} (name VARCHAR PRIMARY KEY, dim INTEGER, "
-                "metric VARCHAR, dtype VARCHAR, columns VARCHAR, thumbnails BOOLEAN, "
-                "vector_column VARCHAR)"
-            )
-            cur.execute(
-                f"INSERT INTO {META_TABLE} VALUES ('schema_version', $v)",
-                {"v": str(SCHEMA_VERSION)},
-            )
+            cur.execute(f"CREATE TABLE {COLLECTIONS_TABLE} (name VARCHAR PRIMARY KEY, "
+                        "dim INTEGER, metric VARCHAR, dtype VARCHAR, columns VARCHAR, "
+                        "thumbnails BOOLEAN, vector_column VARCHAR)")
+            cur.execute(f"INSERT INTO {META_TABLE} VALUES ('schema_version', $v)",
+                        {"v": str(SCHEMA_VERSION)})
             cur.execute("COMMIT")
             return
-        row = first_row(cur.execute(
-            f"SELECT value FROM {META_TABLE} WHERE key = 'schema_version'"
-        ))
+        row = first_row(cur.execute(f"SELECT value FROM {META_TABLE} "
+                                    "WHERE key = 'schema_version'"))
         found = row[0] if row else None
         if found != str(SCHEMA_VERSION):
             raise SchemaVersionError(
                 f"{self.path} has storage schema version {found!r}, but this dotsearch reads "
-                f"version {SCHEMA_VERSION}; use a matching dotsearch release or a new "
-                "data directory"
-            )
+                f"version {SCHEMA_VERSION}; use a matching dotsearch release or a new data "
+                "directory")
 
     def load_records(self) -> list[CollectionRecord]:
-        rows = self.writer.execute(
-            f"SELECT name, dim, metric, dtype, columns, thumbnails, vector_column "
-            f"FROM {COLLECTIONS_TABLE} ORDER BY name"
-        ).fetchall()
-        return [
-            CollectionRecord(r[0], int(r[1]), r[2], r[3], json.loads(r[4]), bool(r[5]), r[6])
-            for r in rows
-        ]
+        rows = self.writer.execute(f"SELECT name, dim, metric, dtype, columns, thumbnails, "
+                                   f"vector_column FROM {COLLECTIONS_TABLE} ORDER BY name"
+                                   ).fetchall()
+        return [CollectionRecord(r[0], int(r[1]), r[2], r[3], json.loads(r[4]), bool(r[5]), r[6])
+                for r in rows]
 
     def create_table(self, rec: CollectionRecord) -> None:
         cols = ["id BIGINT PRIMARY KEY", f"{quote(rec.vector_column)} BLOB NOT NULL"]
         cols += [f"{quote(c)} {t}" for c, t in rec.columns.items()]
         if rec.thumbnails:
             cols.append(f"{THUMBNAIL_COLUMN} BLOB")
-        cur = self.writer
+        values = {"n": rec.name, "d": rec.dim, "m": rec.metric, "t": rec.dtype,
+                  "c": json.dumps(rec.columns), "th": rec.thumbnails, "v": rec.vector_column}
+        self.begin()
         try:
-            cur.execute("BEGIN")
-            cur.execute(f"CREATE TABLE {quote(rec.name)} ({', '.join(cols)})")
-            cur.execute(
-                f"INSERT INTO {COLLECTIONS_TABLE} VALUES ($n, $d, $m, $t, $c, $th, $v)",
-                {
-                    "n": rec.name,
-                    "d": rec.dim,
-                    "m": rec.metric,
-                    "t": rec.dtype,
-                    "c": json.dumps(rec.columns),
-                    "th": rec.thumbnails,
-                    "v": rec.vector_column,
-                },
-            )
-            cur.execute("COMMIT")
+            self.writer.execute(f"CREATE TABLE {quote(rec.name)} ({', '.join(cols)})")
+            self.writer.execute(
+                f"INSERT INTO {COLLECTIONS_TABLE} VALUES ($n, $d, $m, $t, $c, $th, $v)", values)
         except duckdb.Error as exc:
-            self.rollback()
-            raise map_duckdb_error(exc, f"create table {rec.name!r}") from exc
+            raise self._failed(exc, f"create table {rec.name!r} failed") from exc
+        self.commit()
 
     def drop_table(self, name: str) -> None:
-        cur = self.writer
+        self.begin()
         try:
-            cur.execute("BEGIN")
-            cur.execute(f"DROP TABLE IF EXISTS {quote(name)}")
-            cur.execute(f"DELETE FROM {COLLECTIONS_TABLE} WHERE name = $n", {"n": name})
-            cur.execute("COMMIT")
+            self.writer.execute(f"DROP TABLE IF EXISTS {quote(name)}")
+            self.writer.execute(f"DELETE FROM {COLLECTIONS_TABLE} WHERE name = $n", {"n": name})
         except duckdb.Error as exc:
-            self.rollback()
-            raise map_duckdb_error(exc, f"drop table {name!r}") from exc
+            raise self._failed(exc, f"drop table {name!r} failed") from exc
+        self.commit()
 
     # -- writes (caller holds the writer mutex; BEGIN here, COMMIT by commit()) ----------
 
     def begin(self) -> None:
-        self.writer.execute("BEGIN")
+        self._staged_bytes = 0
+        try:
+            self.writer.execute("BEGIN")  # StorageError while storage is unusable
+        except duckdb.Error as exc:
+            raise map_duckdb_error(exc, "starting the write") from exc
 
     def commit(self) -> None:
+        """COMMIT the open transaction, or StorageError (rolled back). Call under the caller's
+        exclusive lock: should the commit stop DuckDB, the database is reopened here."""
+        self._pace_checkpoints()
         try:
             self.writer.execute("COMMIT")
         except duckdb.Error as exc:
-            self.rollback()
-            err = map_duckdb_error(exc, "commit")
-            raise StorageError(f"the write was not stored: {err.message}") from exc
+            raise self._failed(exc, "the write was not stored") from exc
+
+    def _pace_checkpoints(self) -> None:
+        """Pause DuckDB's automatic checkpoints while the disk lacks room for one."""
+        try:
+            free = shutil.disk_usage(self.data_dir).free
+            wal_path = f"{self.path}.wal"
+            wal = os.stat(wal_path).st_size if os.path.exists(wal_path) else 0
+        except OSError:
+            return
+        pause = free < 2 * (wal + self._staged_bytes) + self._checkpoint_headroom
+        if pause == self._checkpoints_paused:
+            return
+        threshold = CHECKPOINT_PAUSED if pause else self._checkpoint_threshold
+        try:
+            self.writer.execute(f"SET checkpoint_threshold = '{threshold}'")
+        except duckdb.Error as exc:
+            log.warning("could not set checkpoint_threshold: %s", exc)
+            return
+        self._checkpoints_paused = pause
+        log.warning("automatic checkpoints %s (%d MB free in the data directory)",
+                    "paused" if pause else "resumed", free >> 20)
 
     def rollback(self) -> None:
         with contextlib.suppress(duckdb.Error):
-            self.writer.execute("ROLLBACK")
+            self._writer.execute("ROLLBACK")
 
-    def stage_upsert(
-        self,
-        rec: CollectionRecord,
-        ids: npt.NDArray[np.int64],
-        vectors: npt.NDArray[np.float32],
-        metadata: Sequence[dict[str, Any]] | None,
-        thumbnails: Sequence[bytes | None] | None,
-        *,
-        overwrite: bool = True,
-    ) -> None:
+    def stage_upsert(self, rec: CollectionRecord, ids: npt.NDArray[np.int64],
+                     vectors: npt.NDArray[np.float32], metadata: Sequence[dict[str, Any]] | None,
+                     thumbnails: Sequence[bytes | None] | None, *, overwrite: bool = True) -> None:
         """Write the rows inside the open transaction (ids already unique): INSERT OR
         REPLACE, or a plain INSERT when the caller knows that none of the ids is stored."""
         names = ["id", rec.vector_column, *rec.columns]
@@ -241,6 +301,8 @@ class Storage:
             row = metadata[i] if metadata is not None else {}
             for c, t in rec.columns.items():
                 texts[c].append(metadata_text(c, t, row.get(c)))
+        self._staged_bytes += int(vectors.nbytes) + sum(
+            len(text) for column in texts.values() for text in column if text is not None)
         target = quote(rec.name)
         column_list = ", ".join(quote(n) for n in names)
         verb = "INSERT OR REPLACE" if overwrite else "INSERT"
@@ -276,19 +338,17 @@ class Storage:
             raise
         finally:
             with contextlib.suppress(duckdb.Error):
-                self.writer.unregister(view)
+                self._writer.unregister(view)
 
     # -- reads --------------------------------------------------------------------------
 
-    def existing_ids(
-        self, cur: duckdb.DuckDBPyConnection, name: str, ids: npt.NDArray[np.int64]
-    ) -> npt.NDArray[np.int64]:
+    def existing_ids(self, cur: duckdb.DuckDBPyConnection, name: str,
+                     ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
         view = self.unique_name("ids")
         cur.register(view, {"id": ids})
         try:
-            got = cur.execute(
-                f"SELECT t.id FROM {quote(name)} t JOIN {view} v ON t.id = v.id"
-            ).fetchnumpy()["id"]
+            got = cur.execute(f"SELECT t.id FROM {quote(name)} t JOIN {view} v ON t.id = v.id"
+                              ).fetchnumpy()["id"]
         finally:
             cur.unregister(view)
         return np.asarray(got, dtype=np.int64)
@@ -297,9 +357,8 @@ class Storage:
         row = first_row(self.writer.execute(f"SELECT max(id) FROM {quote(name)}"))
         return -1 if row is None or row[0] is None else int(row[0])
 
-    def iter_vectors(
-        self, rec: CollectionRecord, chunk_rows: int | None = None
-    ) -> Iterator[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
+    def iter_vectors(self, rec: CollectionRecord, chunk_rows: int | None = None
+                     ) -> Iterator[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
         """Every stored (ids, vectors) in chunks of rowid ranges (about 32 MB each)."""
         if chunk_rows is None:
             chunk_rows = max(1024, (32 << 20) // (4 * rec.dim))
@@ -309,24 +368,17 @@ class Storage:
             return
         last = int(row[0])
         for start in range(0, last + 1, chunk_rows):
-            got = cur.execute(
-                f"SELECT id, {quote(rec.vector_column)} AS v FROM {quote(rec.name)} "
-                "WHERE rowid >= $a AND rowid < $b",
-                {"a": start, "b": start + chunk_rows},
-            ).fetchnumpy()
+            got = cur.execute(f"SELECT id, {quote(rec.vector_column)} AS v FROM {quote(rec.name)} "
+                              "WHERE rowid >= $a AND rowid < $b",
+                              {"a": start, "b": start + chunk_rows}).fetchnumpy()
             if len(got["id"]) == 0:
                 continue
             ids = np.asarray(got["id"], dtype=np.int64)
             vectors = np.frombuffer(b"".join(got["v"]), dtype="<f4").reshape(len(ids), rec.dim)
             yield ids, vectors
 
-    def fetch_rows(
-        self,
-        cur: duckdb.DuckDBPyConnection,
-        name: str,
-        ids: npt.NDArray[np.int64],
-        columns: dict[str, str],
-    ) -> dict[int, dict[str, Any]]:
+    def fetch_rows(self, cur: duckdb.DuckDBPyConnection, name: str, ids: npt.NDArray[np.int64],
+                   columns: dict[str, str]) -> dict[int, dict[str, Any]]:
         """Metadata (JSON-friendly) for ids, keyed by id; absent ids are left out."""
         if len(ids) == 0:
             return {}
@@ -348,10 +400,5 @@ class Storage:
                 ).fetchall()
             finally:
                 cur.unregister(view)
-        return {
-            int(r[0]): {
-                c: decode_json(v) if columns[c] == "JSON" else json_value(v)
-                for c, v in zip(columns, r[1:], strict=True)
-            }
-            for r in rows
-        }
+        return {int(r[0]): {c: decode_json(v) if columns[c] == "JSON" else json_value(v)
+                            for c, v in zip(columns, r[1:], strict=True)} for r in rows}

@@ -7,6 +7,7 @@ import json
 import math
 from typing import Any
 
+import duckdb
 import numpy as np
 from sqlglot import exp
 
@@ -312,8 +313,10 @@ def update(catalog: Any, stmt: exp.Update, ctx: Context) -> Any:
     writer = storage.writer
     including = (catalog.watchdog.including(ctx.watch, writer) if ctx.watch is not None
                  else contextlib.nullcontext())
-    # Metadata only: DuckDB commits it atomically and no index changes, so readers need not
-    # be excluded (the writer mutex, held by the caller, orders it among writes).
+    # Metadata only: DuckDB commits it atomically and no index changes, so readers are not
+    # excluded while the UPDATE runs (the writer mutex, held by the caller, orders it among
+    # writes); only the commit takes the exclusive lock, as every commit does (a failed
+    # checkpoint may reopen the database, which closes every cursor).
     with including:
         writer.register(view, {"id": ids})
         try:
@@ -323,14 +326,14 @@ def update(catalog: Any, stmt: exp.Update, ctx: Context) -> Any:
                 values,
             )
             changed = first_row(cur)
-            storage.commit()
+            with catalog._lock.write():
+                storage.commit()
         except Exception as exc:
             storage.rollback()
-            import duckdb
-
             if isinstance(exc, duckdb.Error):
                 raise map_duckdb_error(exc, "update failed") from exc
             raise
         finally:
-            writer.unregister(view)
+            with contextlib.suppress(duckdb.Error):
+                writer.unregister(view)
     return _affected(int(changed[0]) if changed else len(ids))

@@ -10,7 +10,7 @@ import numpy.typing as npt
 from sqlglot import exp
 
 from service.duck_values import map_duckdb_error
-from service.errors import QueryError
+from service.errors import QueryError, StorageError
 from service.sql.dialect import error_at, parse_condition, to_duckdb
 from service.sql.executor import check_statement
 from service.sql.guards import guard_error
@@ -49,5 +49,7 @@ def filter_ids(catalog: Any, rec: CollectionRecord, text: str) -> npt.NDArray[np
         if guarded is not None:
             raise guarded from exc
         err = map_duckdb_error(exc, "filter failed")
+        if isinstance(err, StorageError):
+            raise err from exc
         raise QueryError(err.message) from exc
     return np.asarray(got, dtype=np.int64)
