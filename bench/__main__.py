@@ -21,6 +21,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "ingest": ("bench.ingest", "run_ingest"),
     "http": ("bench.http", "run_http"),
     "featurize": ("bench.featurize", "run_featurize"),
+    "reliability": ("bench.reliability", "run_reliability"),
 }
 
 

@@ -190,6 +190,36 @@ def test_http_suite_tiny(tmp_path: Path) -> None:
     _written(report, tmp_path)
 
 
+@pytest.mark.skipif(not _has("service.app"), reason="the service app has not landed")
+def test_reliability_suite_tiny(tmp_path: Path) -> None:
+    from bench.reliability import PHASES, run_reliability
+
+    report = _report()
+    _run_or_skip(run_reliability, report, n=1000, dim=16, rounds=2, per_block=8, batch=200,
+                 sql_timeout_s=0.5)
+    rows = report.rows["reliability"]
+    assert [r["phase"] for r in rows] == list(PHASES)
+    assert all(r["searches"] == 16 and r["p99_ms"] > 0 for r in rows), rows
+    writer, slow = rows[1], rows[2]
+    assert writer["background_answers"].startswith("200 x") and writer["rows_per_s"] > 0
+    assert set(slow["background_answers"].split(", ")) <= {
+        f"{answer} x{count}" for answer in ("200", "400 query_timeout") for count in range(99)}
+    ratios = [r for r in report.ratios if r["suite"] == "reliability"]
+    assert len(ratios) == 2 and all(math.isfinite(r["value"]) for r in ratios), ratios
+    _written(report, tmp_path)
+
+
+def test_reliability_background_answers_are_classified() -> None:
+    from bench.reliability import Background
+
+    stats = Background()
+    stats.record(200, b"{}", 0.1)
+    stats.record(400, b'{"error": "query_timeout", "message": "ran past 2 s"}', 2.0)
+    stats.record(500, b'{"error": "internal_error"}', 0.01)
+    assert stats.answers == {"200": 1, "400 query_timeout": 1, "500 internal_error": 1}
+    assert stats.seconds == [0.1, 2.0] and len(stats.unexpected) == 1
+
+
 def test_load_generator_frames_responses_by_content_length() -> None:
     from bench.loadgen import encode_post, read_response
 
