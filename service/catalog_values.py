@@ -56,8 +56,22 @@ class QueryResult:
         return body
 
 
+ID_MAX = 2**63 - 1  # ids are signed 64-bit integers in storage: 0..ID_MAX
+_ID_RANGE = f"0..{ID_MAX} (2^63-1)"
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool | np.bool_)
+
+
 def as_id_array(ids: Any) -> npt.NDArray[np.int64]:
-    """ids as a 1-d int64 array of non-negative integers, or InvalidInput."""
+    """ids as a 1-d int64 array of integers in 0..2^63-1, or InvalidInput.
+
+    Booleans are never ids (not True, not a bool array, not a bool inside a list), and
+    integral floats are accepted only inside the range.
+    """
+    if _is_bool(ids) or (isinstance(ids, list | tuple) and any(_is_bool(i) for i in ids)):
+        raise InvalidInput("ids must be integers, not booleans")
     try:
         arr = np.asarray(ids)
     except (TypeError, ValueError) as exc:
@@ -66,17 +80,32 @@ def as_id_array(ids: Any) -> npt.NDArray[np.int64]:
         arr = arr.reshape(1)
     if arr.ndim != 1:
         raise InvalidInput(f"ids must be one-dimensional, got shape {arr.shape}")
-    if arr.size and arr.dtype.kind not in "iu":
-        if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
-            arr = arr.astype(np.int64)
-        else:
+    if arr.size == 0:
+        return arr.astype(np.int64)
+    kind = arr.dtype.kind
+    if kind == "b":
+        raise InvalidInput("ids must be integers, not booleans")
+    if kind == "O":  # Python ints beyond 64 bits, or values that are not numbers
+        if not all(isinstance(i, int | np.integer) and not _is_bool(i) for i in arr):
+            raise InvalidInput("ids must be integers")
+        low, high = min(int(i) for i in arr), max(int(i) for i in arr)
+    elif kind == "f":
+        if not (np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))):
             raise InvalidInput(f"ids must be integers, got dtype {arr.dtype}")
-    if arr.dtype.kind == "u" and arr.size and int(arr.max()) >= 2**63:
-        raise InvalidInput("ids must fit in a signed 64-bit integer")
-    out = arr.astype(np.int64)
-    if out.size and int(out.min()) < 0:
-        raise InvalidInput(f"ids must be non-negative, got {int(out.min())}")
-    return out
+        if float(arr.max()) >= 2.0**63:  # 2^63-1 is no float64: 2^63 is the first outside
+            raise InvalidInput(f"ids must be in {_ID_RANGE}, got {float(arr.max()):.0f}")
+        low, high = int(arr.min()), int(arr.max())
+    elif kind in "iu":
+        low, high = int(arr.min()), int(arr.max())
+    else:
+        raise InvalidInput(f"ids must be integers, got dtype {arr.dtype}")
+    if low < 0:
+        raise InvalidInput(f"ids must be non-negative: in {_ID_RANGE}, got {low}")
+    if high > ID_MAX:
+        raise InvalidInput(f"ids must be in {_ID_RANGE}, got {high}")
+    if kind == "O":
+        return np.array([int(i) for i in arr], dtype=np.int64)
+    return arr.astype(np.int64)
 
 
 def as_vectors(vectors: Any, dim: int, expected_rows: int | None = None) -> npt.NDArray[np.float32]:

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 METRICS = ("dot", "cosine", "l2")
 DTYPES = ("float32", "float16")
 MAX_DIM = 65536
+MAX_ID = 2**63 - 1
 MAX_SEARCH_HITS = 1_000_000  # query rows x results of one search (its answer's size)
 
 
@@ -415,6 +416,9 @@ class Catalog:
             coll = self._get(name)
         with self._id_lock:
             start = coll.next_id
+            if start + int(n) - 1 > MAX_ID:
+                raise InvalidInput(f"{n} more ids would pass the largest id, {MAX_ID}; give "
+                                   "ids explicitly")
             coll.next_id += int(n)
         return np.arange(start, start + int(n), dtype=np.int64)
 

@@ -46,7 +46,7 @@ TYPE_ALIASES: dict[str, str] = {
 
 def check_name(kind: str, name: object) -> str:
     """A table or column name: letters, digits, underscore, starting with a letter."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidInput(
             f"{kind} name must match [A-Za-z][A-Za-z0-9_]{{0,62}}, got {name!r}"
         )

@@ -7,7 +7,13 @@ from typing import Any
 from fastapi import APIRouter
 
 from service.routes.deps import READ, WRITE, ServicesDep, in_thread
-from service.schemas import ERROR_RESPONSES, CollectionCreate, CollectionList, CollectionOut
+from service.schemas import (
+    ERROR_RESPONSES,
+    CollectionCreate,
+    CollectionList,
+    CollectionOut,
+    NamePath,
+)
 
 router = APIRouter(prefix="/v1/collections", tags=["collections"], responses=ERROR_RESPONSES)
 
@@ -34,11 +40,11 @@ async def create_collection(body: CollectionCreate, services: ServicesDep) -> Co
 
 
 @router.get("/{name}", dependencies=READ)
-async def get_collection(name: str, services: ServicesDep) -> CollectionOut:
+async def get_collection(name: NamePath, services: ServicesDep) -> CollectionOut:
     return collection_out(await in_thread(services.need_catalog().get_collection, name))
 
 
 @router.delete("/{name}", dependencies=WRITE)
-async def drop_collection(name: str, services: ServicesDep) -> dict[str, str]:
+async def drop_collection(name: NamePath, services: ServicesDep) -> dict[str, str]:
     await in_thread(services.need_catalog().drop_collection, name)
     return {"dropped": name}

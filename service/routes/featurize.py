@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
 
-from fastapi import APIRouter, File, UploadFile
+from fastapi import APIRouter
 
 from service.routes.deps import READ, ServicesDep
-from service.routes.images import featurize_uploads
+from service.routes.images import ImageFile, featurize_uploads
 from service.schemas import ERROR_RESPONSES, FeaturizeOut, Label
 
 router = APIRouter(prefix="/v1", tags=["images"], responses=ERROR_RESPONSES)
 
 
 @router.post("/featurize", dependencies=READ)
-async def featurize(file: Annotated[UploadFile, File()], services: ServicesDep) -> FeaturizeOut:
+async def featurize(file: ImageFile, services: ServicesDep) -> FeaturizeOut:
     start = time.perf_counter()
     featurizer = services.need_featurizer()
     vectors, labels, _ = await featurize_uploads(services, [file], with_labels=True)

@@ -10,18 +10,55 @@ import numpy as np
 import numpy.typing as npt
 from fastapi import APIRouter, File, Form, Response, UploadFile
 from PIL import Image
+from pydantic import Field, WithJsonSchema
 
 from service.errors import InvalidInput, NotFound, PayloadTooLarge
 from service.featurizer import Label
 from service.images import decode_image, thumbnail_jpeg
 from service.routes.deps import READ, WRITE, SafeJSONResponse, Services, ServicesDep, in_thread
 from service.routes.search import hits_json
-from service.schemas import ERROR_RESPONSES, ClassifyOut, Hit, ImagesOut, SearchOut
+from service.routes.vectors import fresh_ids, ids_from_text
+from service.schemas import (
+    DECIMAL,
+    ERROR_RESPONSES,
+    ID_MAX,
+    IDS_TEXT_PATTERN,
+    MAX_K,
+    PLAIN_NAME_PATTERN,
+    SQL_MAX_CHARS,
+    ClassifyOut,
+    Hit,
+    IdPath,
+    ImageNamePath,
+    ImagesOut,
+    SearchOut,
+)
 
 router = APIRouter(prefix="/v1/collections/{name}", tags=["images"], responses=ERROR_RESPONSES)
 
 # Columns of a collection that the images route creates when it does not exist yet.
 IMAGE_COLUMNS = {"label": "VARCHAR", "filename": "VARCHAR"}
+
+# Form fields as the OpenAPI schema states them. An optional form field is absent or a
+# string, never JSON null, so its schema is the plain type (not anyOf [type, null]).
+IMAGE_SCHEMA = {"type": "string", "format": "binary", "contentMediaType": "image/*", "minLength": 1,
+                "description": "a JPEG, PNG, WebP, GIF or BMP image"}
+ImageFile = Annotated[UploadFile, File(), WithJsonSchema(IMAGE_SCHEMA)]
+Files = Annotated[list[UploadFile], File(min_length=1), WithJsonSchema(
+    {"type": "array", "minItems": 1, "items": IMAGE_SCHEMA})]
+IdsField = Annotated[list[Annotated[str, Field(pattern=IDS_TEXT_PATTERN)]] | None, Form(
+    description=f"one id per file, repeated or comma-separated; each in 0..{ID_MAX}"),
+    WithJsonSchema({"type": "array", "items": {"type": "string", "pattern": IDS_TEXT_PATTERN}})]
+LabelsField = Annotated[list[str] | None, Form(), WithJsonSchema(
+    {"type": "array", "items": {"type": "string"}})]
+FilterField = Annotated[str | None, Form(max_length=SQL_MAX_CHARS), WithJsonSchema(
+    {"type": "string", "maxLength": SQL_MAX_CHARS})]
+ThresholdField = Annotated[float | None, Form(allow_inf_nan=False),
+                           WithJsonSchema({"type": "number"})]
+# An empty form value counts as absent (FastAPI), so "" means the default column.
+LABEL_COLUMN_PATTERN = "^(?:" + PLAIN_NAME_PATTERN.strip("^$") + ")?$"
+LabelColumnField = Annotated[str, Form(pattern=LABEL_COLUMN_PATTERN,
+                                       description="a metadata column; empty: label")]
 
 
 def split_values(values: list[str] | None, count: int) -> list[str]:
@@ -87,10 +124,8 @@ async def _image_collection(services: Services, name: str) -> Any:
 
 
 @router.post("/images", dependencies=WRITE)
-async def upload_images(name: str, services: ServicesDep,
-                        files: Annotated[list[UploadFile], File()],
-                        ids: Annotated[list[str] | None, Form()] = None,
-                        labels: Annotated[list[str] | None, Form()] = None) -> ImagesOut:
+async def upload_images(name: ImageNamePath, services: ServicesDep, files: Files,
+                        ids: IdsField = None, labels: LabelsField = None) -> ImagesOut:
     """Upload images (field `files`, repeated); optional `ids` and `labels`.
 
     A collection that does not exist is created: cosine, 2048-d, columns `label` and
@@ -101,14 +136,11 @@ async def upload_images(name: str, services: ServicesDep,
     services.need_featurizer()
     id_list = split_values(ids, len(files))
     label_list = split_values(labels, len(files))
-    if id_list and len(id_list) != len(files):
-        raise InvalidInput(f"{len(id_list)} ids for {len(files)} files")
+    id_arr = ids_from_text(",".join(id_list)) if id_list else None
+    if id_arr is not None and len(id_arr) != len(files):
+        raise InvalidInput(f"{len(id_arr)} ids for {len(files)} files")
     if label_list and len(label_list) != len(files):
         raise InvalidInput(f"{len(label_list)} labels for {len(files)} files")
-    try:
-        id_arr = np.array([int(i) for i in id_list], dtype=np.int64) if id_list else None
-    except ValueError as exc:
-        raise InvalidInput(f"ids must be integers: {exc}") from exc
     # Everything is checked and featurized before the collection may be created, so a
     # refused upload leaves nothing behind.
     vectors, _, images = await featurize_uploads(services, files)
@@ -126,7 +158,7 @@ async def upload_images(name: str, services: ServicesDep,
         size = services.settings.thumbnail_size
         thumbs = await in_thread(lambda: [thumbnail_jpeg(img, size) for img in images])
     if id_arr is None:
-        id_arr = await in_thread(catalog.next_ids, name, len(files))
+        id_arr = await fresh_ids(catalog, name, len(files))
     await in_thread(catalog.upsert, name, id_arr, vectors, metadata, thumbs)
     return ImagesOut(collection=name, ids=[int(i) for i in id_arr], count=len(files),
                      took_ms=round((time.perf_counter() - start) * 1000, 3))
@@ -134,11 +166,10 @@ async def upload_images(name: str, services: ServicesDep,
 
 @router.post("/search/image", dependencies=READ, response_model=SearchOut,
              response_class=SafeJSONResponse)
-async def search_image(name: str, services: ServicesDep,
-                       file: Annotated[UploadFile, File()],
-                       k: Annotated[int, Form(ge=1, le=100_000)] = 10,
-                       filter: Annotated[str | None, Form()] = None,
-                       threshold: Annotated[float | None, Form(allow_inf_nan=False)] = None
+async def search_image(name: ImageNamePath, services: ServicesDep,
+                       file: ImageFile,
+                       k: Annotated[int, Form(ge=1, le=MAX_K), DECIMAL] = 10,
+                       filter: FilterField = None, threshold: ThresholdField = None
                        ) -> SafeJSONResponse:
     """Nearest neighbours of an uploaded image (field `file`)."""
     start = time.perf_counter()
@@ -150,10 +181,9 @@ async def search_image(name: str, services: ServicesDep,
 
 
 @router.post("/classify", dependencies=READ)
-async def classify(name: str, services: ServicesDep, file: Annotated[UploadFile, File()],
-                   k: Annotated[int, Form(ge=1, le=1000)] = 5,
-                   filter: Annotated[str | None, Form()] = None,
-                   label_column: Annotated[str, Form(pattern=r"^[A-Za-z_]\w*$")] = "label"
+async def classify(name: ImageNamePath, services: ServicesDep, file: ImageFile,
+                   k: Annotated[int, Form(ge=1, le=1000), DECIMAL] = 5, filter: FilterField = None,
+                   label_column: LabelColumnField = "label"
                    ) -> ClassifyOut:
     """The label most common among the k nearest labelled neighbours (ties: closer)."""
     start = time.perf_counter()
@@ -178,7 +208,7 @@ async def classify(name: str, services: ServicesDep, file: Annotated[UploadFile,
 
 @router.get("/vectors/{id}/thumbnail", dependencies=READ, response_class=Response,
             responses={200: {"content": {"image/jpeg": {}}}})
-async def thumbnail(name: str, id: int, services: ServicesDep) -> Response:
+async def thumbnail(name: ImageNamePath, id: IdPath, services: ServicesDep) -> Response:
     """The JPEG thumbnail stored with an uploaded image."""
     data = await in_thread(services.need_catalog().get_thumbnail, name, id)
     if data is None:

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from service.routes.deps import READ, SafeJSONResponse, ServicesDep, read_body
-from service.schemas import ERROR_RESPONSES, SearchBody, SearchOut
+from service.schemas import ERROR_RESPONSES, NamePath, SearchBody, SearchOut, inline_json_body
 
 router = APIRouter(prefix="/v1/collections/{name}", tags=["search"], responses=ERROR_RESPONSES)
 
@@ -21,10 +21,8 @@ def hits_json(hits: list[Any]) -> list[dict[str, Any]]:
 
 
 @router.post("/search", dependencies=READ, response_model=SearchOut,
-             response_class=SafeJSONResponse, openapi_extra={"requestBody": {
-                 "required": True,
-                 "content": {"application/json": {"schema": SearchBody.model_json_schema()}}}})
-async def search(name: str, request: Request, services: ServicesDep) -> SafeJSONResponse:
+             response_class=SafeJSONResponse, openapi_extra=inline_json_body(SearchBody))
+async def search(name: NamePath, request: Request, services: ServicesDep) -> SafeJSONResponse:
     """`vector` answers `{"results": [hit, ...]}`; `vectors` answers `{"results": [[hit]]}`.
 
     The body is parsed by pydantic-core straight from bytes (the hot path: about 0.1 ms for

@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import numpy.typing as npt
 from fastapi import APIRouter, Query, Request
-from pydantic import ValidationError
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError, WithJsonSchema
 
+from service.catalog_values import as_id_array
 from service.errors import BadRequest, InvalidInput, UnsupportedMediaType
 from service.routes.deps import READ, WRITE, ServicesDep, in_thread, read_body
 from service.schemas import (
+    DECIMAL,
     ERROR_RESPONSES,
+    ID_MAX,
+    IDS_TEXT_PATTERN,
     DeleteBody,
     DeleteOut,
+    IdPath,
+    NamePath,
     UpsertBody,
     UpsertOut,
     VectorOut,
+    inline_json_body,
 )
 
 router = APIRouter(prefix="/v1/collections/{name}/vectors", tags=["vectors"],
@@ -40,15 +48,44 @@ Body forms, chosen by Content-Type:
 
 For the two binary bodies, ids come from the query string: `ids=1,2,3` or
 `id_start=1000` (ids 1000..1000+n-1); with neither they are assigned.
+Every id is an integer in 0..2^63-1 (9223372036854775807), id_start + n - 1 included.
 """
+
+
+# Query parameters of a binary upsert. Absent or given, never null: plain schemas.
+IdsQuery = Annotated[str | None, Query(
+    pattern=IDS_TEXT_PATTERN, description=f"binary bodies: 1,2,3 (each in 0..{ID_MAX})"),
+    WithJsonSchema({"type": "string", "pattern": IDS_TEXT_PATTERN})]
+IdStartQuery = Annotated[int | None, Query(
+    ge=0, le=ID_MAX, description=f"binary bodies: first id; id_start + n - 1 <= {ID_MAX}"),
+    DECIMAL, WithJsonSchema({"type": "integer", "minimum": 0, "maximum": ID_MAX})]
+
+
+def _read_npy(data: bytes, what: str) -> npt.NDArray[Any]:
+    """One array in .npy format: no pickles, no .npz archive (np.load opens both), and no
+    header that declares more data than the body holds (numpy would allocate it first)."""
+    buf = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buf)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(buf)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(buf)
+        if dtype.hasobject:
+            raise ValueError("object arrays are not accepted")
+        declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if declared > len(data) - buf.tell():
+            raise ValueError(f"its header declares {declared} bytes of data, the body holds "
+                             f"{len(data) - buf.tell()}")
+        arr: npt.NDArray[Any] = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:
+        raise InvalidInput(f"{what} is not a readable .npy array: {exc}") from exc
+    return arr
 
 
 def _vectors_from_bytes(data: bytes, dim: int, npy: bool | None) -> npt.NDArray[np.float32]:
     if npy or (npy is None and data[:6] == b"\x93NUMPY"):
-        try:
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
-        except Exception as exc:
-            raise InvalidInput(f"not a readable .npy array: {exc}") from exc
+        arr = _read_npy(data, "the vectors body")
         if arr.ndim == 1 and arr.size == dim:
             arr = arr.reshape(1, dim)
         if arr.ndim != 2 or arr.shape[1] != dim:
@@ -64,24 +101,43 @@ def _vectors_from_bytes(data: bytes, dim: int, npy: bool | None) -> npt.NDArray[
 
 def _ids_from_bytes(data: bytes) -> npt.NDArray[np.int64]:
     if data[:6] == b"\x93NUMPY":
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
+        arr = _read_npy(data, "the ids part")
         if arr.dtype.kind not in "iu":
             raise InvalidInput(f"ids must be integers, got {arr.dtype}")
-        return arr.reshape(-1).astype(np.int64)
-    try:
-        return _ids_from_text(data.decode("ascii"))
-    except (UnicodeDecodeError, InvalidInput):
-        if len(data) % 8:
-            raise InvalidInput("ids part is neither text, .npy nor packed int64") from None
-        return np.frombuffer(data, dtype="<i8").astype(np.int64)
+        return as_id_array(arr.reshape(-1))
+    text = data.decode("latin-1")
+    if text.strip(" ,") and not text.strip(" ,0123456789"):
+        return ids_from_text(text)  # digits and commas: text, whatever its length
+    if len(data) % 8:
+        raise InvalidInput("ids part is neither text, .npy nor packed int64")
+    return as_id_array(np.frombuffer(data, dtype="<i8"))
 
 
-def _ids_from_text(text: str) -> npt.NDArray[np.int64]:
+def ids_from_text(text: str) -> npt.NDArray[np.int64]:
+    """Comma-separated decimal ids (spaces ignored), each in 0..2^63-1, or InvalidInput."""
+    parts = [p for p in text.replace(" ", "").split(",") if p]
+    if not all(p.isascii() and p.isdigit() for p in parts):
+        raise InvalidInput(f"ids must be comma-separated integers in 0..{ID_MAX}, "
+                           f"got {text[:80]!r}")
+    return as_id_array([int(p) for p in parts])
+
+
+def id_range(id_start: int, n: int) -> npt.NDArray[np.int64]:
+    """ids id_start..id_start+n-1, refused (422) when the last one would pass 2^63-1."""
+    if id_start < 0 or id_start + n - 1 > ID_MAX:
+        raise InvalidInput(f"id_start {id_start} with {n} vectors needs ids up to "
+                           f"{id_start + n - 1}; ids must be in 0..{ID_MAX} (2^63-1)")
+    return np.arange(id_start, id_start + n, dtype=np.int64)
+
+
+async def fresh_ids(catalog: Any, name: str, n: int) -> npt.NDArray[np.int64]:
+    """n ids the catalog has not handed out; 422 when none are left below 2^63-1."""
     try:
-        return np.array([int(p) for p in text.replace(" ", "").split(",") if p],
-                        dtype=np.int64)
-    except ValueError as exc:
-        raise InvalidInput(f"ids must be comma-separated integers: {exc}") from exc
+        ids: npt.NDArray[np.int64] = await in_thread(catalog.next_ids, name, n)
+    except OverflowError as exc:
+        raise InvalidInput(f"no {n} fresh ids left in 0..{ID_MAX} (2^63-1); "
+                           "give the ids explicitly") from exc
+    return ids
 
 
 def _check_finite(vectors: npt.NDArray[np.float32]) -> None:
@@ -102,7 +158,7 @@ async def _parse_binary(request: Request, services: Any, dim: int, ids_q: str | 
         if ids_part is None:
             ids = None
         elif isinstance(ids_part, str):
-            ids = _ids_from_text(ids_part)
+            ids = ids_from_text(ids_part)
         else:
             ids = _ids_from_bytes(await ids_part.read())
         meta_part = form.get("metadata")
@@ -117,12 +173,12 @@ async def _parse_binary(request: Request, services: Any, dim: int, ids_q: str | 
                 raise InvalidInput("metadata part must be a JSON array of objects")
     else:
         vectors = _vectors_from_bytes(await read_body(request, limit), dim, kind == "npy")
-        ids = _ids_from_text(ids_q) if ids_q else None
+        ids = ids_from_text(ids_q) if ids_q else None
         metadata = None
     if id_start is not None:
         if ids is not None:
             raise BadRequest("give ids or id_start, not both")
-        ids = np.arange(id_start, id_start + len(vectors), dtype=np.int64)
+        ids = id_range(id_start, len(vectors))
     _check_finite(vectors)
     return ids, vectors, metadata
 
@@ -132,13 +188,13 @@ async def _parse_binary(request: Request, services: Any, dim: int, ids_q: str | 
         "application/json": {"schema": UpsertBody.model_json_schema()},
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
-        "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "multipart/form-data": {"schema": {"type": "object", "required": ["vectors"],
+                                           "properties": {
             "vectors": {"type": "string", "format": "binary"},
-            "ids": {"type": "string"}, "metadata": {"type": "string"}}}}}}})
-async def upsert(name: str, request: Request, services: ServicesDep,
-                 ids: str | None = Query(None, description="binary bodies: 1,2,3"),
-                 id_start: int | None = Query(None, ge=0, description="binary bodies")
-                 ) -> UpsertOut:
+            "ids": {"type": "string", "description": ".npy, packed int64 or 1,2,3"},
+            "metadata": {"type": "string", "description": "a JSON array of objects"}}}}}}})
+async def upsert(name: NamePath, request: Request, services: ServicesDep,
+                 ids: IdsQuery = None, id_start: IdStartQuery = None) -> UpsertOut:
     catalog = services.need_catalog()
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
     if ctype in ("application/json", ""):
@@ -162,18 +218,24 @@ async def upsert(name: str, request: Request, services: ServicesDep,
         id_arr, vectors, metadata = await _parse_binary(request, services, info.dim, ids,
                                                         id_start, kinds[ctype])
     if id_arr is None:
-        id_arr = await in_thread(catalog.next_ids, name, len(vectors))
+        id_arr = await fresh_ids(catalog, name, len(vectors))
     count = await in_thread(catalog.upsert, name, id_arr, vectors, metadata)
     return UpsertOut(upserted=int(count), ids=[int(i) for i in id_arr])
 
 
-@router.delete("", dependencies=WRITE)
-async def delete(name: str, body: DeleteBody, services: ServicesDep) -> DeleteOut:
+@router.delete("", dependencies=WRITE, openapi_extra=inline_json_body(DeleteBody))
+async def delete(name: NamePath, request: Request, services: ServicesDep) -> DeleteOut:
+    """Delete ids (unknown ones are ignored): `{"ids": [1, 2]}`."""
+    raw = await read_body(request, services.settings.max_body_bytes)
+    try:
+        body = DeleteBody.model_validate_json(raw)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from exc
     deleted = await in_thread(services.need_catalog().delete, name, body.ids)
     return DeleteOut(deleted=int(deleted))
 
 
 @router.get("/{id}", dependencies=READ)
-async def get_vector(name: str, id: int, services: ServicesDep) -> VectorOut:
+async def get_vector(name: NamePath, id: IdPath, services: ServicesDep) -> VectorOut:
     vector, metadata = await in_thread(services.need_catalog().get_vector, name, id)
     return VectorOut(id=id, vector=vector.tolist(), metadata=metadata)
