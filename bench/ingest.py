@@ -17,7 +17,7 @@ SUITE = "ingest"
 def catalog_class() -> Any:
     """The storage engineer's Catalog, or SuiteSkipped when it has not landed."""
     try:
-        from service.collections import Catalog
+        from service.catalog import Catalog
     except ImportError as exc:
         raise SuiteSkipped(f"service.collections.Catalog is not importable ({exc})") from exc
     return Catalog

@@ -158,7 +158,7 @@ def create_app(settings: Settings | None = None, *, catalog: Any = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from service.collections import Catalog
+        from service.catalog import Catalog
 
         owned = catalog is None
         if owned:

@@ -144,7 +144,7 @@ def ingest(folder: Annotated[Path, typer.Argument(exists=True, file_okay=False)]
 
     Works on the data directory directly: stop the server first (DuckDB has one writer).
     """
-    from service.collections import Catalog
+    from service.catalog import Catalog
     from service.featurizer import Featurizer
 
     settings = _settings(data_dir=data_dir, backend=backend, weights=weights)
@@ -191,7 +191,7 @@ def print_result(result: Any, title: str | None = None) -> None:
 def query(sql: Annotated[str, typer.Argument(help="SQL statement(s)")],
           data_dir: DataDir = None, backend: Backend = None) -> None:
     """Run SQL against the data directory and print a table (stop the server first)."""
-    from service.collections import Catalog
+    from service.catalog import Catalog
     from service.errors import DotsearchError
 
     settings = _settings(data_dir=data_dir, backend=backend)
@@ -220,7 +220,7 @@ def demo(data_dir: DataDir = None, weights: Weights = None,
     import skimage.data
     from PIL import Image, ImageOps
 
-    from service.collections import Catalog
+    from service.catalog import Catalog
     from service.errors import NotFound
     from service.featurizer import Featurizer
     from service.images import thumbnail_jpeg

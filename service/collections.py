@@ -1,27 +1,28 @@
-"""The catalog: durable collections (DuckDB rows) mirrored by in-memory vector indexes."""
+"""The collection store: durable collections (DuckDB rows) mirrored by in-memory vector
+indexes, behind the typed API that the SQL layer and the routes use."""
 
 from __future__ import annotations
 
 import logging
 import queue
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext, suppress
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Self
 
 import duckdb
 import numpy as np
 import numpy.typing as npt
 
-from service.catalog_values import CollectionInfo, Hit, QueryResult, as_id_array, as_vectors
+from service.catalog_values import CollectionInfo, Hit, as_id_array, as_vectors
 from service.duck_values import canonical_type, check_name, first_row, map_duckdb_error
 from service.errors import Conflict, DotsearchError, InvalidInput, NotFound, NotReady
 from service.index_protocol import VectorIndex
-from service.limits import SqlLimits, Watchdog
-from service.rwlock import RWLock
-from service.storage import META_TABLE, RESERVED_COLUMNS, CollectionRecord, Storage
+from service.limits import SqlLimits, Watch, Watchdog
+from service.snapshots import SNAPSHOT_ATTEMPTS, ReadSnapshot, ReadWriteOrder, StaleSnapshot
+from service.storage import RESERVED_COLUMNS, CollectionRecord, Storage
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +33,8 @@ MAX_ID = 2**63 - 1
 MAX_SEARCH_HITS = 1_000_000  # query rows x results of one search (its answer's size)
 
 
-# A read that saw a write land mid-way retries; the last try holds the read lock throughout.
-SNAPSHOT_ATTEMPTS = 3
-
-
-class StaleSnapshot(Exception):
-    """A write changed the indexes after this read's DuckDB snapshot was taken: retry."""
-
-
-@dataclass
-class ReadSnapshot:
-    """A pinned DuckDB read transaction and the index generation it matches."""
-
-    cursor: duckdb.DuckDBPyConnection
-    generation: int
-    holds_lock: bool
+# Computes a search's allow-list (ids a filter admits) inside the search's snapshot.
+AllowFn = Callable[[], npt.NDArray[np.int64]]
 
 
 @dataclass
@@ -83,17 +71,15 @@ def _prefetched(chunks: Iterator[Any], depth: int = 2) -> Iterator[Any]:
     thread.join()
 
 
-class Catalog:
-    """Every collection of one data directory; thread safe (readers-writer discipline).
+class CollectionStore:
+    """Every collection of one data directory; thread safe.
 
-    Writes: validate -> commit in DuckDB -> apply to the index -> return. The DuckDB
-    commit and the index update happen under the exclusive lock, so a reader sees a
-    batch entirely or not at all, in DuckDB and in the index alike.
-
-    Reads that run user SQL (statements, search filters) do not hold the shared lock while
-    DuckDB works: they pin a DuckDB snapshot together with the index generation, and take
-    the lock only around index searches, where a changed generation means "retry". So a
-    slow statement never makes a write, or the searches queued behind it, wait.
+    Writes (one at a time): validate -> stage in DuckDB -> COMMIT, holding no lock, with a
+    commit sequence number -> apply to the index under a short exclusive lock -> return.
+    Reads that use both DuckDB and an index pin a DuckDB snapshot and read the index only
+    when it has applied exactly the commits the snapshot holds (``ReadWriteOrder``), so a
+    reader sees a batch entirely or not at all, and nobody waits for a DuckDB commit or for
+    a slow statement. It imports nothing from ``service.sql``: the SQL face is on top.
     """
 
     def __init__(
@@ -107,24 +93,17 @@ class Catalog:
         self.backend = backend
         self.sql_limits = sql_limits or SqlLimits()
         self.watchdog = Watchdog()
-        self._storage = Storage(data_dir, memory_limit=duckdb_memory_limit)
-        self._generation = 0  # bumped by every write that changes an index
-        self._local = threading.local()
-        self._lock = RWLock()
-        self._writer_mutex = threading.RLock()
+        self._storage = Storage(data_dir, memory_limit=duckdb_memory_limit,
+                                reopen_guard=lambda: self._order.reopen_guard())
         self._id_lock = threading.Lock()
         self._collections: dict[str, Collection] = {}
         self.backend_name = "cpu"
         try:
-            from service.sql.functions import register_functions
-
-            self._storage.on_open(register_functions)
+            self._order = ReadWriteOrder(self._storage)
             self._load()
         except BaseException:
             self._storage.close()
             raise
-
-    # -- lifecycle ---------------------------------------------------------------------
 
     def _make_index(self, rec: CollectionRecord) -> VectorIndex:
         from service.backend import make_index
@@ -146,99 +125,81 @@ class Catalog:
             log.info("loaded collection %s: %d vectors", rec.name, len(index))
 
     def close(self) -> None:
-        with self._writer_mutex, self._lock.write():
+        with self._order.writes, self._order.indexes.write():
             self._storage.close()
             self._collections.clear()
 
-    def __enter__(self) -> Catalog:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- helpers -----------------------------------------------------------------------
+    # -- the typed API of names, records and reads --------------------------------------
 
-    def _get(self, name: str) -> Collection:
+    def collection(self, name: str) -> Collection:
+        """The collection named exactly ``name`` (NotFound otherwise)."""
         coll = self._collections.get(name) if isinstance(name, str) else None
         if coll is None:
             raise NotFound(f"no collection named {name!r}")
         return coll
 
+    def resolve(self, name: str) -> str | None:
+        """The collection a (case-insensitive, as in SQL) table name refers to, or None."""
+        if name in self._collections:
+            return name
+        matches = [n for n in list(self._collections) if n.lower() == name.lower()]
+        return matches[0] if len(matches) == 1 else None
+
+    def find(self, name: str) -> Collection | None:
+        """The collection named exactly ``name``, or None."""
+        return self._collections.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._collections)
+
+    def unique_name(self, prefix: str) -> str:
+        """A fresh name for a view registered on a cursor."""
+        return self._storage.unique_name(prefix)
+
+    def on_storage_open(self, hook: Callable[[duckdb.DuckDBPyConnection], None]) -> None:
+        """Run ``hook`` (registering SQL functions) on the database now and after a reopen."""
+        self._storage.on_open(hook)
+
     def _info(self, coll: Collection) -> CollectionInfo:
         rec = coll.record
-        return CollectionInfo(
-            rec.name,
-            rec.dim,
-            rec.metric,
-            rec.dtype,
-            dict(rec.columns),
-            len(coll.index),
-            rec.thumbnails,
-            rec.vector_column,
-        )
+        return CollectionInfo(rec.name, rec.dim, rec.metric, rec.dtype, dict(rec.columns),
+                              len(coll.index), rec.thumbnails, rec.vector_column)
 
     def reader(self) -> duckdb.DuckDBPyConnection:
-        """This thread's DuckDB cursor (call under ``read_lock``)."""
+        """This thread's DuckDB cursor (use it in ``snapshot`` or ``reading``)."""
         return self._storage.reader()
 
-    @contextmanager
-    def read_lock(self) -> Iterator[None]:
-        with self._lock.read():
-            yield
+    def reading(self) -> AbstractContextManager[None]:
+        """Indexes and DuckDB cursors held for a short read of both."""
+        return self._order.reading()
 
-    @contextmanager
-    def snapshot(self, *, hold_lock: bool = False) -> Iterator[ReadSnapshot]:
-        """This thread's cursor in a read transaction pinned to the current indexes.
+    def snapshot(self, *, exclude_writers: bool = False) -> AbstractContextManager[ReadSnapshot]:
+        """This thread's cursor in a read transaction (see ``ReadWriteOrder.snapshot``)."""
+        return self._order.snapshot(exclude_writers=exclude_writers)
 
-        Without ``hold_lock`` the shared lock is held only while pinning; index reads then
-        go through ``index_access``. A nested call reuses the open snapshot.
-        """
-        current: ReadSnapshot | None = getattr(self._local, "snapshot", None)
-        if current is not None:
-            yield current
-            return
-        cur = self._storage.reader()
-        with ExitStack() as stack:
-            stack.enter_context(self._lock.read())
-            with suppress(duckdb.Error):
-                cur.execute("ROLLBACK")  # a transaction left open by an interrupted read
-            cur.execute("BEGIN TRANSACTION")
-            # DuckDB fixes a transaction's snapshot at its first read, so read now.
-            cur.execute(f"SELECT 1 FROM {META_TABLE} LIMIT 0").fetchall()
-            snap = ReadSnapshot(cur, self._generation, hold_lock)
-            if not hold_lock:
-                stack.close()
-            self._local.snapshot = snap
-            try:
-                yield snap
-            finally:
-                self._local.snapshot = None
-                with suppress(duckdb.Error):
-                    cur.execute("ROLLBACK")
+    def index_access(self, snap: ReadSnapshot | None) -> AbstractContextManager[Any]:
+        """The context for reading indexes under ``snap`` (StaleSnapshot: retry)."""
+        return self._order.index_access(snap)
 
-    def index_access(self, snap: ReadSnapshot | None) -> Any:
-        """A context for reading indexes under ``snap``: the shared lock, and StaleSnapshot
-        when a write has changed them since the snapshot was pinned."""
-        if snap is None or snap.holds_lock:
-            return nullcontext()
-        return self._checked_read(snap.generation)
-
-    @contextmanager
-    def _checked_read(self, generation: int) -> Iterator[None]:
-        with self._lock.read():
-            if self._generation != generation:
-                raise StaleSnapshot()
-            yield
+    def write_order(self) -> AbstractContextManager[Any]:
+        """Held by a multi-step write (SQL DELETE/UPDATE): no other write in between."""
+        return self._order.writes
 
     # -- collections -------------------------------------------------------------------
 
     def list_collections(self) -> list[CollectionInfo]:
-        with self._lock.read():
+        with self._order.indexes.read():
             return [self._info(c) for _, c in sorted(self._collections.items())]
 
     def get_collection(self, name: str) -> CollectionInfo:
-        with self._lock.read():
-            return self._info(self._get(name))
+        with self._order.indexes.read():
+            return self._info(self.collection(name))
 
     def create_collection(
         self,
@@ -273,24 +234,22 @@ class Catalog:
         rec = CollectionRecord(
             name, int(dim), metric, dtype, canon, bool(thumbnails), vector_column
         )
-        with self._writer_mutex:
+        with self._order.writes:
             if any(n.lower() == name.lower() for n in self._collections):
                 raise Conflict(f"collection {name!r} already exists")
             index = self._make_index(rec)
-            with self._lock.write():
-                self._generation += 1
-                self._storage.create_table(rec)
-                coll = Collection(rec, index, 0)
+            self._storage.create_table(rec)  # commits: no lock held
+            coll = Collection(rec, index, 0)
+            with self._order.applying(layout=True):
                 self._collections[name] = coll
-                return self._info(coll)
+            return self._info(coll)
 
     def drop_collection(self, name: str) -> None:
-        with self._writer_mutex:
-            self._get(name)
-            with self._lock.write():
-                self._generation += 1
-                self._storage.drop_table(name)
+        with self._order.writes:
+            self.collection(name)
+            with self._order.applying(layout=True):
                 del self._collections[name]
+            self._storage.drop_table(name)  # commits: no lock held
 
     # -- writes ------------------------------------------------------------------------
 
@@ -308,8 +267,8 @@ class Catalog:
 
         With ``replace=False`` (SQL ``INSERT``) an id already stored is a Conflict.
         """
-        with self._writer_mutex:
-            coll = self._get(name)
+        with self._order.writes:
+            coll = self.collection(name)
             rec = coll.record
             id_arr = as_id_array(ids)
             if id_arr.size == 0:
@@ -355,19 +314,20 @@ class Catalog:
             # The index mirrors storage: when no id is stored yet, a plain INSERT does
             # (DuckDB's INSERT OR REPLACE costs about 2.5x as much per row).
             overwrite = replace and any(i in coll.index for i in id_arr.tolist())
+            seq = self._order.applied_seq + 1
             self._storage.begin()
             try:
                 self._storage.stage_upsert(rec, id_arr, vec_arr, metadata, thumbnails,
                                            overwrite=overwrite)
+                self._storage.stage_commit_seq(seq)
             except DotsearchError:
                 self._storage.rollback()
                 raise
             except duckdb.Error as exc:
                 self._storage.rollback()
                 raise map_duckdb_error(exc, f"upsert into {name!r}") from exc
-            with self._lock.write():
-                self._generation += 1
-                self._storage.commit()
+            self._storage.commit()  # no lock held: searches go on meanwhile
+            with self._order.applying(seq):
                 self._apply(coll, lambda: coll.index.add(id_arr, vec_arr))
             with self._id_lock:
                 coll.next_id = max(coll.next_id, int(id_arr.max()) + 1)
@@ -385,21 +345,22 @@ class Catalog:
 
     def delete(self, name: str, ids: Any) -> int:
         """Delete ids (unknown ids ignored); returns how many were present."""
-        with self._writer_mutex:
-            coll = self._get(name)
+        with self._order.writes:
+            coll = self.collection(name)
             id_arr = np.unique(as_id_array(ids))
             if id_arr.size == 0:
                 return 0
+            seq = self._order.applied_seq + 1
             self._storage.begin()
             try:
                 self._storage.stage_delete(name, id_arr)
+                self._storage.stage_commit_seq(seq)
             except duckdb.Error as exc:
                 self._storage.rollback()
                 raise map_duckdb_error(exc, f"delete from {name!r}") from exc
             removed = 0
-            with self._lock.write():
-                self._generation += 1
-                self._storage.commit()
+            self._storage.commit()  # no lock held
+            with self._order.applying(seq):
 
                 def remove() -> None:
                     nonlocal removed
@@ -412,8 +373,7 @@ class Catalog:
         """n fresh ids (never handed out before in this process, above every stored id)."""
         if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
             raise InvalidInput(f"n must be a non-negative integer, got {n!r}")
-        with self._lock.read():
-            coll = self._get(name)
+        coll = self.collection(name)
         with self._id_lock:
             start = coll.next_id
             if start + int(n) - 1 > MAX_ID:
@@ -429,8 +389,8 @@ class Catalog:
         from service.duck_values import quote
 
         key = int(as_id_array([id])[0])
-        with self._lock.read():
-            rec = self._get(name).record
+        with self.reading():
+            rec = self.collection(name).record
             cur = self._storage.reader()
             cols = ", ".join([quote(rec.vector_column), *(quote(c) for c in rec.columns)])
             row = first_row(cur.execute(
@@ -445,8 +405,8 @@ class Catalog:
         from service.duck_values import THUMBNAIL_COLUMN, quote
 
         key = int(as_id_array([id])[0])
-        with self._lock.read():
-            rec = self._get(name).record
+        with self.reading():
+            rec = self.collection(name).record
             if not rec.thumbnails:
                 return None
             row = first_row(self._storage.reader().execute(
@@ -456,14 +416,6 @@ class Catalog:
             raise NotFound(f"no id {key} in collection {name!r}")
         return None if row[0] is None else bytes(row[0])
 
-    def allow_ids(self, name: str, filter: str) -> npt.NDArray[np.int64]:
-        """Ids whose metadata satisfies the SQL boolean expression (call in a snapshot or
-        under the read lock), within the SQL limits."""
-        from service.sql.filters import filter_ids
-
-        with self.watchdog.watch(self.sql_limits, self._storage.reader()):
-            return filter_ids(self, self._get(name).record, filter)
-
     def search(
         self,
         name: str,
@@ -471,10 +423,11 @@ class Catalog:
         k: int,
         *,
         threshold: float | None = None,
-        filter: str | None = None,
         offset: int = 0,
+        allow: AllowFn | None = None,
     ) -> list[list[Hit]]:
-        """Top-k per query, best first, ties by id; ``filter`` pre-filters exactly.
+        """Top-k per query, best first, ties by id; ``allow`` (the ids a filter admits,
+        computed in the search's snapshot under the SQL limits) pre-filters exactly.
 
         The work is bounded by the collection's size whatever ``k + offset`` asks for.
         """
@@ -486,28 +439,28 @@ class Catalog:
             isinstance(threshold, bool) or not np.isfinite(float(threshold))
         ):
             raise InvalidInput(f"threshold must be a finite number, got {threshold!r}")
-        if filter is None or not str(filter).strip():
-            with self._lock.read():
-                return self._search(name, queries, int(k), int(offset), threshold, None,
-                                    self._storage.reader())
-        # A filter is user SQL: it runs in a snapshot, outside the lock (see the class doc).
+        coll = self.collection(name)
+        if allow is None and not coll.record.columns:  # the index alone answers
+            return self._search(coll, queries, int(k), int(offset), threshold, None, None)
         for attempt in range(SNAPSHOT_ATTEMPTS):
-            with self.snapshot(hold_lock=attempt == SNAPSHOT_ATTEMPTS - 1) as snap:
+            with self.snapshot(exclude_writers=attempt == SNAPSHOT_ATTEMPTS - 1) as snap:
                 try:
-                    return self._search(name, queries, int(k), int(offset), threshold,
-                                        filter, snap.cursor, snap)
+                    return self._search(coll, queries, int(k), int(offset), threshold, allow,
+                                        snap)
                 except StaleSnapshot:
                     continue
-        raise AssertionError("unreachable: the last attempt holds the lock")
+        raise AssertionError("unreachable: the last attempt excludes writers")
 
-    def _search(self, name: str, queries: Any, k: int, offset: int, threshold: float | None,
-                filter: str | None, cur: duckdb.DuckDBPyConnection,
-                snap: ReadSnapshot | None = None) -> list[list[Hit]]:
-        coll = self._get(name)
+    def _search(self, coll: Collection, queries: Any, k: int, offset: int,
+                threshold: float | None, allow_fn: AllowFn | None,
+                snap: ReadSnapshot | None) -> list[list[Hit]]:
         q = as_vectors(queries, coll.record.dim)
         if q.shape[0] == 0:
             raise InvalidInput("at least one query vector is needed")
-        allow = None if filter is None else self.allow_ids(name, filter)
+        allow = None
+        if allow_fn is not None:
+            with self.watchdog.watch(self.sql_limits, self.reader()):
+                allow = allow_fn()
         with self.index_access(snap):
             rows = len(coll.index) if allow is None else min(len(allow), len(coll.index))
             if rows == 0 or offset >= rows:
@@ -524,27 +477,44 @@ class Catalog:
                 raise InvalidInput(str(exc)) from exc
         ids, scores = ids[:, offset:], scores[:, offset:]
         meta: dict[int, dict[str, Any]] = {}
-        if coll.record.columns:  # no metadata columns: no DuckDB round trip
+        if coll.record.columns and snap is not None:
             found = np.unique(ids[ids >= 0])
-            meta = self._storage.fetch_rows(cur, name, found, coll.record.columns)
-        out: list[list[Hit]] = []
-        for row_ids, row_scores in zip(ids, scores, strict=True):
-            out.append(
-                [
-                    Hit(int(i), float(s), meta.get(int(i), {}))
-                    for i, s in zip(row_ids, row_scores, strict=True)
-                    if i >= 0
-                ]
-            )
-        return out
+            meta = self._storage.fetch_rows(snap.cursor, coll.record.name, found,
+                                            coll.record.columns)
+        return [[Hit(int(i), float(s), meta.get(int(i), {}))
+                 for i, s in zip(row_ids, row_scores, strict=True) if i >= 0]
+                for row_ids, row_scores in zip(ids, scores, strict=True)]
 
-    def query(self, sql: str, params: dict[str, Any] | list[Any] | None = None, *,
-              access: Literal["read", "write"] = "write") -> QueryResult:
-        """Run a SQL script (statements separated by ';'); the last statement's result.
+    # -- metadata updates (SQL UPDATE) -------------------------------------------------
 
-        ``access="read"`` (the read-only key) refuses the script, before any statement
-        runs, unless every parsed statement only reads.
-        """
-        from service.sql.executor import execute_script
+    def update_metadata(self, name: str, ids: npt.NDArray[np.int64], set_sql: str,
+                        values: dict[str, Any], watch: Watch | None = None) -> int:
+        """``UPDATE name SET <set_sql> WHERE id IN ids`` in one transaction; how many rows
+        changed. Metadata only: no index changes, so readers are never excluded (DuckDB
+        commits it atomically). Call inside ``write_order``."""
+        from service.duck_values import quote
 
-        return execute_script(self, sql, params, access=access)
+        with self._order.writes:
+            self.collection(name)
+            writer = self._storage.writer
+            view = self._storage.unique_name("ids")
+            watching = (self.watchdog.including(watch, writer) if watch is not None
+                        else nullcontext())
+            with watching:
+                writer.register(view, {"id": ids})
+                try:
+                    self._storage.begin()
+                    row = first_row(writer.execute(
+                        f"UPDATE {quote(name)} SET {set_sql} WHERE id IN (SELECT id FROM {view})",
+                        values))
+                    self._storage.commit()
+                except duckdb.Error as exc:
+                    self._storage.rollback()
+                    raise map_duckdb_error(exc, "update failed") from exc
+                except BaseException:
+                    self._storage.rollback()
+                    raise
+                finally:
+                    with suppress(duckdb.Error):
+                        writer.unregister(view)
+        return int(row[0]) if row else len(ids)

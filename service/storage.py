@@ -74,7 +74,9 @@ class Storage:
     """
 
     def __init__(self, data_dir: Path | str, *, memory_limit: str = "512MB",
-                 checkpoint_threshold: str = "256MB") -> None:
+                 checkpoint_threshold: str = "256MB",
+                 reopen_guard: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
+                 ) -> None:
         self.data_dir = Path(data_dir)
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -98,6 +100,8 @@ class Storage:
             "checkpoint_threshold": checkpoint_threshold,
             "force_compression": "uncompressed",
         }
+        # Entered before a reopen closes every cursor: the owner's way to wait for readers.
+        self._reopen_guard = reopen_guard or contextlib.nullcontext
         self._local = threading.local()
         self._cursors: list[duckdb.DuckDBPyConnection] = []
         self._cursors_lock = threading.Lock()
@@ -156,8 +160,12 @@ class Storage:
 
     def _reopen(self) -> bool:
         """Open the database again after DuckDB invalidated it (its WAL and last checkpoint
-        hold every committed write). Only under the caller's exclusive lock: every cursor
-        is closed, so no reader may be using one."""
+        hold every committed write). Every cursor is closed, so this waits, in the owner's
+        ``reopen_guard``, until no reader uses one."""
+        with self._reopen_guard():
+            return self._reopen_now()
+
+    def _reopen_now(self) -> bool:
         self.close()
         self._generation += 1
         try:
@@ -210,6 +218,19 @@ class Storage:
                 f"version {SCHEMA_VERSION}; use a matching dotsearch release or a new data "
                 "directory")
 
+    # The commit sequence: one number in the meta table, bumped inside every transaction
+    # that changes vectors, so a reader's snapshot says which writes it holds.
+
+    def read_commit_seq(self, cur: duckdb.DuckDBPyConnection) -> int:
+        """The commit sequence this cursor sees (in a transaction: pins its snapshot)."""
+        row = first_row(cur.execute(f"SELECT value FROM {META_TABLE} WHERE key = 'commit_seq'"))
+        return int(row[0]) if row else 0
+
+    def stage_commit_seq(self, seq: int) -> None:
+        """Set the commit sequence inside the writer's open transaction."""
+        self.writer.execute(f"INSERT OR REPLACE INTO {META_TABLE} VALUES ('commit_seq', $s)",
+                            {"s": str(int(seq))})
+
     def load_records(self) -> list[CollectionRecord]:
         rows = self.writer.execute(f"SELECT name, dim, metric, dtype, columns, thumbnails, "
                                    f"vector_column FROM {COLLECTIONS_TABLE} ORDER BY name"
@@ -252,8 +273,8 @@ class Storage:
             raise map_duckdb_error(exc, "starting the write") from exc
 
     def commit(self) -> None:
-        """COMMIT the open transaction, or StorageError (rolled back). Call under the caller's
-        exclusive lock: should the commit stop DuckDB, the database is reopened here."""
+        """COMMIT the open transaction, or StorageError (rolled back). Should the commit stop
+        DuckDB, the database is reopened here (inside the reopen guard)."""
         self._pace_checkpoints()
         try:
             self.writer.execute("COMMIT")

@@ -27,7 +27,7 @@ def disk_full(data_dir: str) -> None:
     import resource
     import signal
 
-    from service.collections import Catalog
+    from service.catalog import Catalog
     from service.errors import StorageError
 
     cat = Catalog(data_dir, backend="cpu")
@@ -52,7 +52,7 @@ def disk_full(data_dir: str) -> None:
 
 
 def main() -> None:
-    from service.collections import Catalog
+    from service.catalog import Catalog
 
     if sys.argv[1] == "disk-full":
         disk_full(sys.argv[2])

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.collections import Catalog, CollectionInfo, Hit, RWLock
+from service.catalog import Catalog
+from service.catalog_values import CollectionInfo, Hit
 from service.errors import InvalidInput, NotFound, QueryError
+from service.rwlock import RWLock
 
 D = 12
 
@@ -165,3 +167,46 @@ def test_rwlock_writer_reentry_and_exclusion() -> None:
         order.append("writer")
     th.join()
     assert order == ["nested", "reader done", "writer"]
+
+
+def test_searches_and_sql_do_not_wait_for_a_commit(tmp_path, monkeypatch):
+    """While a batch's DuckDB commit is in progress, searches (plain, filtered, with
+    metadata) and SQL answer from the state before it, in full; after it, the whole batch."""
+    import threading
+
+    with Catalog(tmp_path / "d", "cpu") as cat:
+        cat.create_collection("c", 2, "dot", columns={"label": "VARCHAR"})
+        cat.create_collection("bare", 2, "dot")
+        cat.upsert("c", [1, 2], [[1, 0], [0, 1]], [{"label": "a"}, {"label": "b"}])
+        cat.upsert("bare", [1], [[1, 0]])
+        storage = cat._storage
+        in_commit, release = threading.Event(), threading.Event()
+        real_commit = storage.commit
+
+        def slow_commit() -> None:
+            in_commit.set()
+            assert release.wait(30)
+            real_commit()
+
+        monkeypatch.setattr(storage, "commit", slow_commit)
+        writer = threading.Thread(target=cat.upsert, args=(
+            "c", [3, 4], [[5, 0], [0, 5]], [{"label": "a"}, {"label": "b"}]))
+        writer.start()
+        try:
+            assert in_commit.wait(30)
+            # Each of these would block until the commit ended if a lock were held across it.
+            hits = cat.search("c", [[1, 0]], 10)[0]
+            assert [(h.id, h.metadata["label"]) for h in hits] == [(1, "a"), (2, "b")]
+            assert [h.id for h in cat.search("c", [[1, 0]], 10, filter="label = 'a'")[0]] == [1]
+            assert [h.id for h in cat.search("bare", [[1, 0]], 10)[0]] == [1]
+            assert cat.query("SELECT count(*) FROM c").rows == [[2]]
+            assert cat.query("SELECT id FROM c ORDER BY DOT_PRODUCT(feature, '[1,0]') DESC "
+                             "LIMIT 1").rows == [[1]]
+            assert writer.is_alive(), "the commit ended before the reads could be checked"
+        finally:
+            release.set()
+            writer.join(30)
+        hits = cat.search("c", [[1, 0]], 10, filter="label = 'a'")[0]
+        assert [h.id for h in hits] == [3, 1]
+        assert cat.query("SELECT id FROM c ORDER BY DOT_PRODUCT(feature, '[1,0]') DESC "
+                         "LIMIT 2").rows == [[3], [1]]

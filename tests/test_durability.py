@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.collections import Catalog
+from service.catalog import Catalog
 from tests.durability_worker import BATCH, batch_data
 
 ROOT = Path(__file__).resolve().parent.parent

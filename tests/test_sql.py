@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.collections import Catalog, QueryResult
+from service.catalog import Catalog
+from service.catalog_values import QueryResult
 from service.errors import Conflict, QueryError
 
 N, D = 300, 16

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.collections import Catalog, QueryResult
+from service.catalog import Catalog
+from service.catalog_values import QueryResult
 from service.errors import DotsearchError, QueryError
 
 D = 4

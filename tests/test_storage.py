@@ -8,7 +8,7 @@ import duckdb
 import numpy as np
 import pytest
 
-from service.collections import Catalog
+from service.catalog import Catalog
 from service.errors import (
     ALL_ERRORS,
     Conflict,
@@ -154,7 +154,7 @@ def test_second_process_on_same_dir_is_a_storage_error(tmp_path: Path) -> None:
     import sys
 
     with Catalog(tmp_path, backend="cpu"):
-        code = ("import sys\nfrom service.collections import Catalog\nfrom service.errors import "
+        code = ("import sys\nfrom service.catalog import Catalog\nfrom service.errors import "
                 "StorageError\ntry:\n    Catalog(sys.argv[1], backend='cpu')\nexcept StorageError "
                 "as e:\n    print('refused', e.message[:40])\n")
         out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,

@@ -19,7 +19,7 @@ from service.settings import Settings
 
 if TYPE_CHECKING:
     from service.batcher import SearchBatcher
-    from service.collections import Catalog
+    from service.catalog import Catalog
     from service.featurizer import Featurizer
 
 

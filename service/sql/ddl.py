@@ -2,35 +2,29 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import duckdb
 import numpy as np
 from sqlglot import exp
 
-from service.duck_values import first_row, map_duckdb_error, quote
+from service.catalog_values import QueryResult
+from service.duck_values import first_row, quote
 from service.errors import InvalidInput, QueryError
 from service.limits import Watch
 from service.sql.dialect import error_at, parse_script, to_duckdb
 from service.sql.vectors import Context, as_float32, bind_parameters, eval_vector
 
-
-def resolve_table(catalog: Any, name: str) -> str | None:
-    from service.sql.executor import resolve_table as resolve
-
-    return resolve(catalog, name)
+if TYPE_CHECKING:
+    from service.collections import CollectionStore
 
 
-def _result(columns: list[str], types: list[str], rows: list[list[Any]]) -> Any:
-    from service.collections import QueryResult
-
+def _result(columns: list[str], types: list[str], rows: list[list[Any]]) -> QueryResult:
     return QueryResult(columns, types, rows)
 
 
-def _affected(n: int) -> Any:
+def _affected(n: int) -> QueryResult:
     return _result(["rows_affected"], ["BIGINT"], [[int(n)]])
 
 
@@ -45,7 +39,7 @@ def reparse_replace(stmt: exp.Command) -> exp.Expr:
     return parsed[0]
 
 
-def execute_other(catalog: Any, stmt: exp.Expr, params: Any, positional: list[int],
+def execute_other(catalog: CollectionStore, stmt: exp.Expr, params: Any, positional: list[int],
                   watch: Watch | None = None) -> Any:
     from service.sql.executor import check_statement
 
@@ -62,7 +56,7 @@ def execute_other(catalog: Any, stmt: exp.Expr, params: Any, positional: list[in
         return describe(catalog, stmt.this)
     if isinstance(stmt, exp.Insert | exp.Update | exp.Delete):
         check_statement(stmt, catalog)
-        with catalog._writer_mutex:
+        with catalog.write_order():
             ctx = Context(catalog, catalog.reader(), watch=watch)
             from service.sql.executor import run_subquery
 
@@ -83,7 +77,7 @@ def execute_other(catalog: Any, stmt: exp.Expr, params: Any, positional: list[in
     )
 
 
-def create_table(catalog: Any, stmt: exp.Create) -> Any:
+def create_table(catalog: CollectionStore, stmt: exp.Create) -> Any:
     schema = stmt.this
     if str(stmt.args.get("kind", "")).upper() != "TABLE" or not isinstance(schema, exp.Schema):
         raise error_at("only CREATE TABLE name (columns...) is supported", stmt)
@@ -119,7 +113,7 @@ def create_table(catalog: Any, stmt: exp.Create) -> Any:
         raise error_at("a table needs one column of type VECTOR(d) or VECTOR(d, F16)", stmt)
     if not has_id:
         raise error_at("a table needs an `id BIGINT PRIMARY KEY` column", stmt)
-    if stmt.args.get("exists") and resolve_table(catalog, name) is not None:
+    if stmt.args.get("exists") and catalog.resolve(name) is not None:
         return _affected(0)
     metric = _metric_option(stmt)
     try:
@@ -157,14 +151,14 @@ def _vector_dim(args: list[exp.Expr], col: exp.Expr) -> int:
     return dim
 
 
-def drop_table(catalog: Any, stmt: exp.Drop) -> Any:
+def drop_table(catalog: CollectionStore, stmt: exp.Drop) -> Any:
     if str(stmt.args.get("kind", "")).upper() != "TABLE":
         raise error_at("only DROP TABLE is supported", stmt)
     tables = list(stmt.args.get("tables") or []) or [stmt.this]
     for table in tables:
         if not isinstance(table, exp.Table) or table.args.get("db"):
             raise error_at("DROP TABLE takes plain table names", stmt)
-        canonical = resolve_table(catalog, table.name)
+        canonical = catalog.resolve(table.name)
         if canonical is None:
             if stmt.args.get("exists"):
                 continue
@@ -173,8 +167,8 @@ def drop_table(catalog: Any, stmt: exp.Drop) -> Any:
     return _affected(0)
 
 
-def describe(catalog: Any, table: exp.Table) -> Any:
-    canonical = resolve_table(catalog, table.name)
+def describe(catalog: CollectionStore, table: exp.Table) -> Any:
+    canonical = catalog.resolve(table.name)
     if canonical is None:
         raise error_at(f"unknown table {table.name!r}", table)
     info = catalog.get_collection(canonical)
@@ -212,13 +206,13 @@ def _constant(node: exp.Expr, ctx: Context) -> Any:
     return None if row is None else row[0]
 
 
-def insert(catalog: Any, stmt: exp.Insert, ctx: Context) -> Any:
+def insert(catalog: CollectionStore, stmt: exp.Insert, ctx: Context) -> Any:
     target = stmt.this
     names: list[str] | None = None
     if isinstance(target, exp.Schema):
         names = [c.name for c in target.expressions]
         target = target.this
-    coll = catalog._get(target.name)
+    coll = catalog.collection(target.name)
     rec = coll.record
     if names is None:
         names = ["id", rec.vector_column, *rec.columns]
@@ -260,22 +254,22 @@ def insert(catalog: Any, stmt: exp.Insert, ctx: Context) -> Any:
     if len(set(ids)) != len(ids) and not stmt.meta.get("replace"):
         raise error_at("duplicate id in INSERT; use REPLACE INTO to upsert", stmt)
     try:
-        n = catalog.upsert(rec.name, np.array(ids, dtype=np.int64), np.stack(vectors), metadata,
-                           replace=bool(stmt.meta.get("replace")))
+        written = catalog.upsert(rec.name, np.array(ids, dtype=np.int64), np.stack(vectors),
+                                 metadata, replace=bool(stmt.meta.get("replace")))
     except InvalidInput as exc:
         raise QueryError(exc.message, position=error_at("", stmt).position) from exc
-    return _affected(n)
+    return _affected(written)
 
 
 def _matching_ids(ctx: Context, table: exp.Table, where: exp.Expr | None) -> np.ndarray:
     query = exp.select(exp.column("id", table=table.alias_or_name)).from_(table.copy())
     if where is not None:
         query.set("where", where.copy())
-    with ctx.catalog.read_lock():
+    with ctx.catalog.reading():
         return ctx.subquery_ids(query)
 
 
-def delete(catalog: Any, stmt: exp.Delete, ctx: Context) -> Any:
+def delete(catalog: CollectionStore, stmt: exp.Delete, ctx: Context) -> Any:
     table = stmt.this
     if not isinstance(table, exp.Table):
         raise error_at("DELETE FROM table [WHERE ...]", stmt)
@@ -283,11 +277,11 @@ def delete(catalog: Any, stmt: exp.Delete, ctx: Context) -> Any:
     return _affected(catalog.delete(table.name, ids) if len(ids) else 0)
 
 
-def update(catalog: Any, stmt: exp.Update, ctx: Context) -> Any:
+def update(catalog: CollectionStore, stmt: exp.Update, ctx: Context) -> Any:
     table = stmt.this
     if not isinstance(table, exp.Table) or stmt.args.get("from_") or stmt.args.get("joins"):
         raise error_at("UPDATE table SET column = value [WHERE ...] (one table)", stmt)
-    coll = catalog._get(table.name)
+    coll = catalog.collection(table.name)
     rec = coll.record
     by_lower = {c.lower(): c for c in rec.columns}
     for assignment in stmt.expressions:
@@ -302,38 +296,10 @@ def update(catalog: Any, stmt: exp.Update, ctx: Context) -> Any:
     ids = _matching_ids(ctx, table, stmt.args.get("where"))
     if len(ids) == 0:
         return _affected(0)
-    storage = catalog._storage
-    view = storage.unique_name("ids")
     sets = ", ".join(
         f"{quote(a.this.name)} = CAST(({to_duckdb(a.expression)}) AS {rec.columns[a.this.name]})"
         for a in stmt.expressions
     )
     used = {str(p.this) for a in stmt.expressions for p in a.find_all(exp.Placeholder)}
     values = {k: v for k, v in ctx.bound.items() if k in used}
-    writer = storage.writer
-    including = (catalog.watchdog.including(ctx.watch, writer) if ctx.watch is not None
-                 else contextlib.nullcontext())
-    # Metadata only: DuckDB commits it atomically and no index changes, so readers are not
-    # excluded while the UPDATE runs (the writer mutex, held by the caller, orders it among
-    # writes); only the commit takes the exclusive lock, as every commit does (a failed
-    # checkpoint may reopen the database, which closes every cursor).
-    with including:
-        writer.register(view, {"id": ids})
-        try:
-            storage.begin()
-            cur = writer.execute(
-                f"UPDATE {quote(rec.name)} SET {sets} WHERE id IN (SELECT id FROM {view})",
-                values,
-            )
-            changed = first_row(cur)
-            with catalog._lock.write():
-                storage.commit()
-        except Exception as exc:
-            storage.rollback()
-            if isinstance(exc, duckdb.Error):
-                raise map_duckdb_error(exc, "update failed") from exc
-            raise
-        finally:
-            with contextlib.suppress(duckdb.Error):
-                writer.unregister(view)
-    return _affected(int(changed[0]) if changed else len(ids))
+    return _affected(catalog.update_metadata(rec.name, ids, sets, values, ctx.watch))

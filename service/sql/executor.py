@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 from sqlglot import exp
 
 from service.auth import Access
+from service.catalog_values import QueryResult
 from service.duck_values import json_value, map_duckdb_error
 from service.errors import DotsearchError, QueryError, QueryResourceLimit, QueryTooLarge
 from service.limits import Watch
+from service.snapshots import SNAPSHOT_ATTEMPTS, ReadSnapshot, StaleSnapshot
 from service.sql.access import authorize_script
 from service.sql.dialect import error_at, parse_script, to_duckdb
 from service.sql.guards import check_depth, guard_error, guard_functions
 from service.sql.planner import ScopePlan, plan_select, rewrite_all_slow
 from service.sql.vectors import Context, bind_parameters
+
+if TYPE_CHECKING:
+    from service.collections import CollectionStore
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +33,11 @@ DENIED_FUNCTION_PREFIXES = ("duckdb_", "pragma_", "read_", "current_setting", "g
                             "glob", "query", "sniff_", "parquet_", "iceberg_", "delta_")
 
 
-def execute_script(catalog: Any, sql: str, params: dict[str, Any] | list[Any] | None,
-                   access: Access = "write") -> Any:
+def execute_script(catalog: CollectionStore, sql: str,
+                   params: dict[str, Any] | list[Any] | None,
+                   access: Access = "write") -> QueryResult:
     """Parse and authorise every statement, then run each in order under the SQL limits;
     the result of the last one."""
-    from service.collections import QueryResult
-
     limits = catalog.sql_limits
     if params is not None and not isinstance(params, dict | list | tuple):
         raise QueryError("params must be an object (for :name) or a list (for ?)")
@@ -80,15 +84,7 @@ def _duckdb_query_error(exc: duckdb.Error, stmt: exp.Expr) -> DotsearchError:
     return err
 
 
-def resolve_table(catalog: Any, name: str) -> str | None:
-    """The collection a (case-insensitive, as in SQL) table name refers to, or None."""
-    if name in catalog._collections:
-        return name
-    matches = [n for n in catalog._collections if n.lower() == name.lower()]
-    return matches[0] if len(matches) == 1 else None
-
-
-def check_statement(stmt: exp.Expr, catalog: Any) -> None:
+def check_statement(stmt: exp.Expr, catalog: CollectionStore) -> None:
     """Refuse what is not ours to run: unknown tables, table functions, internal tables."""
     if isinstance(stmt, exp.DML) and stmt.args.get("with_"):
         raise error_at(f"WITH before {type(stmt).__name__.upper()} is not supported; put the "
@@ -107,9 +103,9 @@ def check_statement(stmt: exp.Expr, catalog: Any) -> None:
         if name.lower() in cte_names:
             table.meta["cte"] = True
             continue
-        canonical = resolve_table(catalog, name)
+        canonical = catalog.resolve(name)
         if canonical is None:
-            known = ", ".join(sorted(catalog._collections)) or "none"
+            known = ", ".join(catalog.names()) or "none"
             raise error_at(f"unknown table {name!r} (collections: {known})", table)
         if canonical != name:
             table.set("this", exp.to_identifier(canonical))
@@ -122,19 +118,20 @@ def check_statement(stmt: exp.Expr, catalog: Any) -> None:
     guard_functions(stmt)
 
 
-def _new_context(catalog: Any, watch: Watch | None, snap: Any = None,
+def _new_context(catalog: CollectionStore, watch: Watch | None,
+                 snap: ReadSnapshot | None = None,
                  explain: bool = False) -> Context:
     return Context(catalog, catalog.reader(), explain=explain, run_subquery=run_subquery,
                    watch=watch, index_access=lambda: catalog.index_access(snap))
 
 
-def execute_statement(catalog: Any, stmt: exp.Expr, params: Any, positional: list[int],
+def execute_statement(catalog: CollectionStore, stmt: exp.Expr, params: Any,
+                      positional: list[int],
                       watch: Watch | None = None,
                       reparse: Callable[[], exp.Expr] | None = None) -> Any:
     """Run one statement. A query runs in a DuckDB snapshot without holding the catalog's
     lock; if a write changes an index mid-way, it runs again on a fresh copy (``reparse``),
     the last time holding the lock throughout."""
-    from service.collections import SNAPSHOT_ATTEMPTS, StaleSnapshot
     from service.sql import ddl
 
     if isinstance(stmt, exp.Command) and str(stmt.this).upper() == "REPLACE":
@@ -150,7 +147,7 @@ def execute_statement(catalog: Any, stmt: exp.Expr, params: Any, positional: lis
         if attempt:
             stmt, positional[0] = _unwrapped(reparse()), first_positional  # type: ignore[misc]
         check_statement(stmt, catalog)
-        with catalog.snapshot(hold_lock=last) as snap:
+        with catalog.snapshot(exclude_writers=last) as snap:
             ctx = _new_context(catalog, watch, snap)
             try:
                 bind_parameters(stmt, params, ctx, positional)
@@ -159,7 +156,7 @@ def execute_statement(catalog: Any, stmt: exp.Expr, params: Any, positional: lis
                 continue
             finally:
                 ctx.cleanup()
-    raise AssertionError("unreachable: the last attempt holds the lock")
+    raise AssertionError("unreachable: the last attempt excludes writers")
 
 
 def _unwrapped(stmt: exp.Expr) -> exp.Expr:
@@ -198,9 +195,7 @@ def run_subquery(ctx: Context, node: exp.Expr) -> duckdb.DuckDBPyConnection:
     return _execute(ctx, query)
 
 
-def run_query(ctx: Context, stmt: exp.Expr) -> Any:
-    from service.collections import QueryResult
-
+def run_query(ctx: Context, stmt: exp.Expr) -> QueryResult:
     plan_statement(ctx, stmt)
     cur = _execute(ctx, stmt)
     names = [d[0] for d in cur.description or []]
@@ -241,13 +236,13 @@ def _cell(value: Any, sql_type: str) -> Any:
     return json_value(value)
 
 
-def explain_query(catalog: Any, query: exp.Expr, params: Any, positional: list[int]) -> Any:
+def explain_query(catalog: CollectionStore, query: exp.Expr, params: Any,
+                  positional: list[int]) -> QueryResult:
     """EXPLAIN: what would run, without running the vector search."""
-    from service.collections import QueryResult
     from service.sql.explain import describe_plan
 
     check_statement(query, catalog)
-    with catalog.read_lock():
+    with catalog.reading():
         ctx = _new_context(catalog, None, explain=True)
         try:
             bind_parameters(query, params, ctx, positional)

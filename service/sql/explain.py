@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from service.sql.planner import ScopePlan
 
+if TYPE_CHECKING:
+    from service.collections import CollectionStore
 
-def describe_plan(catalog: Any, plans: list[ScopePlan], duckdb_sql: str) -> str:
+
+def describe_plan(catalog: CollectionStore, plans: list[ScopePlan], duckdb_sql: str) -> str:
     """Human-readable plan: one block per vector scope, then the DuckDB statement."""
     lines: list[str] = []
     for i, plan in enumerate(plans, 1):
-        coll = catalog._collections[plan.table]
+        coll = catalog.collection(plan.table)
         rec = coll.record
         lines.append(
             f"vector scope {i}: exact {plan.mode} on collection {rec.name} "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import duckdb
 import numpy as np
@@ -17,8 +17,11 @@ from service.sql.guards import guard_error
 from service.sql.vectors import anonymous_name, vector_kind
 from service.storage import CollectionRecord
 
+if TYPE_CHECKING:
+    from service.collections import CollectionStore
 
-def filter_ids(catalog: Any, rec: CollectionRecord, text: str) -> npt.NDArray[np.int64]:
+
+def filter_ids(catalog: CollectionStore, rec: CollectionRecord, text: str) -> npt.NDArray[np.int64]:
     """Ids of ``rec`` whose metadata satisfies ``text`` (caller holds the read lock)."""
     cond = parse_condition(text)
     allowed = {c.lower() for c in rec.columns} | {"id"}

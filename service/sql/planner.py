@@ -64,7 +64,7 @@ def _collection_tables(select: exp.Select, ctx: Context) -> list[tuple[exp.Table
     for src in sources:
         table = src.this if src is not None else None
         if isinstance(table, exp.Table) and not table.meta.get("cte"):
-            coll = ctx.catalog._collections.get(table.name)
+            coll = ctx.catalog.find(table.name)
             if coll is not None:
                 out.append((table, coll))
     return out
@@ -240,7 +240,7 @@ def _run_driving(select: exp.Select, ctx: Context, driving: Any, mode: str,
         values = values * qnorm
     elif kind == "cos_dist":
         values = 1.0 - values
-    score_col = ctx.catalog._storage.unique_name("ds_score")
+    score_col = ctx.catalog.unique_name("ds_score")
     inner = _candidate_rows(ctx, rec.name, ids, values, score_col)
     alias = table.alias_or_name
     derived = exp.Subquery(this=inner, alias=exp.TableAlias(this=exp.to_identifier(alias)))

@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import numpy as np
@@ -17,6 +17,9 @@ from service.errors import QueryError
 from service.limits import Watch
 from service.sql.dialect import error_at
 from service.sql.functions import pack_json, pack_values
+
+if TYPE_CHECKING:
+    from service.collections import CollectionStore
 
 # Vector function kinds: name -> (kind, higher is closer).
 FUNCTION_KINDS: dict[type[exp.Expr], str] = {
@@ -39,7 +42,7 @@ MAX_PARAM_TEXT = 1 << 24
 class Context:
     """Per-statement state: the DuckDB cursor, bound values, registered views, notes."""
 
-    catalog: Any
+    catalog: CollectionStore
     cur: duckdb.DuckDBPyConnection
     bound: dict[str, Any] = field(default_factory=dict)
     views: list[str] = field(default_factory=list)
@@ -64,7 +67,7 @@ class Context:
         return exp.Placeholder(this=name)
 
     def register(self, prefix: str, columns: dict[str, npt.NDArray[Any]]) -> str:
-        name = self.catalog._storage.unique_name(prefix)
+        name = self.catalog.unique_name(prefix)
         if not self.explain:
             self.cur.register(name, columns)
             self.views.append(name)

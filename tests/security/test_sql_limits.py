@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.collections import Catalog
+from service.catalog import Catalog
 from service.errors import InvalidInput
 from service.limits import SqlLimits
 from service.settings import Settings
@@ -178,7 +178,7 @@ def test_writes_and_health_answer_while_a_slow_statement_runs(tmp_path):
 def test_search_work_is_bounded_by_the_collection(client, monkeypatch):
     catalog = client.app.state.services.catalog
     asked: list[int] = []
-    index = catalog._collections["t"].index
+    index = catalog.collection("t").index
     original = index.search
 
     def spy(queries, k, **kwargs):

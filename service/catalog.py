@@ -1,0 +1,54 @@
+"""The catalog the service uses: the collection store with its SQL face (queries, filters)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from service.auth import Access
+from service.catalog_values import Hit, QueryResult
+from service.collections import CollectionStore
+from service.sql.executor import execute_script
+from service.sql.filters import filter_ids
+from service.sql.functions import register_functions
+
+
+class Catalog(CollectionStore):
+    """Collections plus SQL: ``query`` runs scripts, ``search`` takes a SQL ``filter``.
+
+    The store beneath imports nothing from ``service.sql``; this layer joins the two.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        try:
+            self.on_storage_open(register_functions)
+        except BaseException:
+            self.close()
+            raise
+
+    def query(self, sql: str, params: dict[str, Any] | list[Any] | None = None, *,
+              access: Access = "write") -> QueryResult:
+        """Run a SQL script (statements separated by ';'); the last statement's result.
+
+        ``access="read"`` (the read-only key) refuses the script, before any statement
+        runs, unless every parsed statement only reads.
+        """
+        return execute_script(self, sql, params, access=access)
+
+    def search(self, name: str, queries: Any, k: int, *, threshold: float | None = None,
+               offset: int = 0, allow: Any = None, filter: str | None = None
+               ) -> list[list[Hit]]:
+        """Top-k per query; ``filter``, a SQL boolean expression over metadata, pre-filters
+        exactly (it runs in the search's snapshot, under the SQL limits)."""
+        if filter is not None and str(filter).strip():
+            text = str(filter)
+
+            def allowed() -> npt.NDArray[np.int64]:
+                return filter_ids(self, self.collection(name).record, text)
+
+            allow = allowed
+        return super().search(name, queries, k, threshold=threshold, offset=offset,
+                              allow=allow)
