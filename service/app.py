@@ -20,7 +20,7 @@ from service.batcher import SearchBatcher
 from service.errors import DotsearchError, PayloadTooLarge
 from service.limits import SqlLimits
 from service.metrics import LatencyMiddleware, Metrics
-from service.routes import collections, featurize, health, images, query, search, ui, vectors
+from service.routes import collections, docs, featurize, health, images, query, search, ui, vectors
 from service.routes.deps import SafeJSONResponse, Services
 from service.settings import Settings, get_settings
 
@@ -193,12 +193,14 @@ def create_app(settings: Settings | None = None, *, catalog: Any = None,
                 log.info("storage closed")
             services.catalog = None
 
+    # docs_url/redoc_url None: service/routes/docs.py serves /docs and /redoc from local assets.
     app = FastAPI(title="dotsearch", version="0.1.0", lifespan=lifespan,
                   description="GPU-accelerated exact vector search for image features, "
-                              "with a SQL face.")
+                              "with a SQL face.",
+                  docs_url=None, redoc_url=None)
     app.state.services = services
     install_error_handlers(app)
-    for module in (health, collections, vectors, search, images, featurize, query, ui):
+    for module in (health, collections, vectors, search, images, featurize, query, ui, docs):
         app.include_router(module.router)
     # The last added runs first: time everything, authenticate, then limit the body.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)

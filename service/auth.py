@@ -15,8 +15,8 @@ Access = Literal["read", "write"]
 # Prometheus scraping, the web page's own files and the API documentation. Everything
 # else, unknown paths included, needs a key whenever keys are configured.
 OPEN_PATHS = frozenset({"/health", "/metrics", "/", "/docs", "/docs/oauth2-redirect", "/redoc",
-                        "/openapi.json"})
-OPEN_PREFIXES = ("/static/",)
+                        "/redoc/logo-mini.svg", "/openapi.json"})
+OPEN_PREFIXES = ("/static/", "/docs/static/")
 OPEN_METHODS = frozenset({"GET", "HEAD"})
 
 

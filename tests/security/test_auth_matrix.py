@@ -36,6 +36,8 @@ OPEN_ROUTES = {
     "/docs/oauth2-redirect": "/docs/oauth2-redirect",
     "/redoc": "/redoc",
     "/openapi.json": "/openapi.json",
+    "/docs/static/{name}": "/docs/static/swagger-ui.css",
+    "/redoc/logo-mini.svg": "/redoc/logo-mini.svg",
 }
 OPEN_METHODS = ("GET", "HEAD")
 
