@@ -6,8 +6,6 @@ import asyncio
 import io
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,58 +25,30 @@ from bench.harness import (
     random_vectors,
 )
 from bench.ingest import backend_name
+from bench.server import free_port, running_server
 
 SUITE = "http"
 COLLECTION = "bench"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def server(data_dir: Path, batching: bool, featurizer: bool) -> Iterator[str]:
     """``uvicorn service.app:create_app`` in a subprocess; yields its base URL."""
-    import httpx
-
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "DOTSEARCH_DATA_DIR": str(data_dir), "DOTSEARCH_BACKEND": backend_name(),
            "DOTSEARCH_WEIGHTS": "random", "DOTSEARCH_LOAD_FEATURIZER": str(featurizer).lower(),
            "DOTSEARCH_LOG_LEVEL": "warning"}
     if not batching:
         env["DOTSEARCH_BATCH_MAX"] = "1"
-    log_path = data_dir / f"server-{port}.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory",
-             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-            env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited: {log_path.read_text()[-2000:]}")
-            try:
-                health = httpx.get(f"{url}/health", timeout=2).json()
-                state = str(health.get("featurizer", {}).get("state", ""))
-                wants = (not featurizer) or state in ("ready", "failed", "error")
-                if wants or time.monotonic() > deadline:
-                    break
-            except (httpx.HTTPError, ValueError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("server did not become healthy in 120 s") from None
-            time.sleep(0.2)
+    cmd = [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory",
+           "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+
+    def ready(health: dict[str, Any]) -> bool:
+        state = str(health.get("featurizer", {}).get("state", ""))
+        return (not featurizer) or state in ("ready", "failed", "error")
+
+    with running_server(cmd, env, port, data_dir / f"server-{port}.log", ready) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _load(url: str, vectors: np.ndarray, dim: int) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +26,7 @@ from bench.harness import (
     percentile,
     random_vectors,
 )
+from bench.server import free_port, running_server
 
 SUITE = "reliability"
 COLLECTION = "reliability"
@@ -67,19 +66,11 @@ class Background:
         self.unexpected += other.unexpected[: max(0, 3 - len(self.unexpected))]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def serve(data_dir: Path, sql_timeout_s: float) -> Iterator[str]:
     """`dotsearch serve --backend cpu --weights random` (featurizer not loaded, the given SQL
     timeout) on a free 127.0.0.1 port in a subprocess; yields its base URL."""
-    import httpx
-
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DOTSEARCH_")}
     env.update(DOTSEARCH_LOAD_FEATURIZER="false", DOTSEARCH_SQL_TIMEOUT_S=str(sql_timeout_s),
                DOTSEARCH_LOG_LEVEL="warning")
@@ -87,31 +78,9 @@ def serve(data_dir: Path, sql_timeout_s: float) -> Iterator[str]:
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "service.cli"]
     cmd += ["serve", "--host", "127.0.0.1", "--port", str(port), "--backend", "cpu",
             "--weights", "random", "--data-dir", str(data_dir / "data")]
-    log_path = data_dir / "server.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited: {log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).json().get("status") == "ok":
-                    break
-            except (httpx.HTTPError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not become healthy in 120 s")
-            time.sleep(0.2)
+    with running_server(cmd, env, port, data_dir / "server.log",
+                        lambda health: health.get("status") == "ok") as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
