@@ -16,6 +16,7 @@ from PIL import Image
 
 from service.app import create_app
 from service.settings import Settings
+from tests.api_support import seed_t
 
 RW_KEY, RO_KEY = "rw-key", "ro-key"
 RW, RO = {"X-API-Key": RW_KEY}, {"X-API-Key": RO_KEY}
@@ -148,15 +149,7 @@ def send(client: TestClient, method: str, path: str, key: str | None, **override
 
 def seed(client: TestClient) -> None:
     """Collection `t`: 4-d cosine, label/year columns, ids 1..4 (with the read-write key)."""
-    r = client.post("/v1/collections", headers=RW, json={
-        "name": "t", "dim": 4, "columns": {"label": "VARCHAR", "year": "BIGINT"}})
-    assert r.status_code == 201, r.text
-    r = client.post("/v1/collections/t/vectors", headers=RW, json={
-        "ids": [1, 2, 3, 4],
-        "vectors": [[1, 0, 0, 0], [0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0]],
-        "metadata": [{"label": "cat", "year": 2010}, {"label": "dog", "year": 2020},
-                     {"label": "cat", "year": 2021}, {}]})
-    assert r.status_code == 200, r.text
+    seed_t(client, RW)
 
 
 def snapshot(client: TestClient) -> Any:

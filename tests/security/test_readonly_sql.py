@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
+from tests.api_support import seed_t
 
 RW = {"X-API-Key": "rw-key"}
 RO = {"X-API-Key": "ro-key"}
@@ -77,15 +78,7 @@ def seed(client: TestClient) -> None:
     """Collection `t`: 4-d cosine, label/year columns, ids 1..4 (with the rw key)."""
     for name in ("t", "u"):  # `u`: what a test's CREATE TABLE may have left
         assert client.delete(f"/v1/collections/{name}", headers=RW).status_code in (200, 404)
-    r = client.post("/v1/collections", headers=RW, json={
-        "name": "t", "dim": 4, "columns": {"label": "VARCHAR", "year": "BIGINT"}})
-    assert r.status_code == 201, r.text
-    r = client.post("/v1/collections/t/vectors", headers=RW, json={
-        "ids": [1, 2, 3, 4],
-        "vectors": [[1, 0, 0, 0], [0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0]],
-        "metadata": [{"label": "cat", "year": 2010}, {"label": "dog", "year": 2020},
-                     {"label": "cat", "year": 2021}, {}]})
-    assert r.status_code == 200, r.text
+    seed_t(client, RW)
 
 
 @contextmanager

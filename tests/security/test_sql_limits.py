@@ -8,17 +8,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
 from service.catalog import Catalog
 from service.errors import InvalidInput
 from service.limits import SqlLimits
-from service.settings import Settings
-
-
-def make_client(tmp_path, **settings) -> TestClient:
-    settings.setdefault("load_featurizer", False)
-    s = Settings(data_dir=tmp_path / "data", _env_file=None, **settings)  # type: ignore[call-arg]
-    return TestClient(create_app(s))
+from tests.api_support import make_client
 
 
 @pytest.fixture
