@@ -1,33 +1,51 @@
-"""The `dotsearch` command line: serve, ingest, query, demo, bench."""
+"""The `dotsearch` command line: serve; ingest, query and demo, over HTTP or on the files."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from service.catalog import Catalog
+    from service.client import Client
+    from service.ingest import FolderReport, Sink
 
 app = typer.Typer(help="dotsearch: GPU-accelerated exact vector search for image features.",
                   no_args_is_help=True, add_completion=False)
 console = Console()
 err = Console(stderr=True)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
 DataDir = Annotated[Path | None, typer.Option(help="Data directory [env DOTSEARCH_DATA_DIR]")]
 Backend = Annotated[str | None, typer.Option(help="auto | gpu | cpu [env DOTSEARCH_BACKEND]")]
 Weights = Annotated[str | None, typer.Option(
     help="auto | imagenet | random | PATH [env DOTSEARCH_WEIGHTS]")]
+Url = Annotated[str | None, typer.Option(
+    envvar="DOTSEARCH_URL", show_envvar=False,
+    help="A running server to use [env DOTSEARCH_URL]; default: the configured host and port. "
+         "With none answering (or with --data-dir alone), the data directory is opened")]
+ApiKey = Annotated[str | None, typer.Option(
+    envvar="DOTSEARCH_API_KEY", show_envvar=False,
+    help="The server's API key, sent as X-API-Key [env DOTSEARCH_API_KEY]")]
+# DuckDB: 'Could not set lock on file "...": Conflicting lock is held in EXE (PID 4693) ...'
+LOCK_HOLDER = re.compile(r"held in (?P<exe>.+?) \(PID (?P<pid>\d+)\)")
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -40,6 +58,99 @@ def _settings(**overrides: Any) -> Settings:
 def _logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
+
+
+def _say(text: str) -> None:
+    """One line on stderr, never wrapped, no markup."""
+    err.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _fail(text: str) -> NoReturn:
+    _say(f"error: {text}")
+    raise typer.Exit(1)
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Errors of the service or of the server as one line and exit status 1."""
+    from service.client import ServerError, Unreachable
+    from service.errors import DotsearchError
+
+    try:
+        yield
+    except DotsearchError as exc:
+        _fail(f"{exc.error}: {exc}")
+    except ServerError as exc:
+        hint = " (give a key with --api-key or DOTSEARCH_API_KEY)" if exc.status == 401 else ""
+        _fail(f"{exc.error}: {exc.message}{hint}")
+    except Unreachable as exc:
+        _fail(str(exc))
+
+
+def _connect(settings: Settings, url: str | None, api_key: str | None,
+             data_dir_given: bool) -> tuple[Client | None, str | None]:
+    """The server to talk to when one answers, and the URL that was tried."""
+    from service.client import Client, default_url
+
+    if url is None and data_dir_given:
+        return None, None  # a directory was named: use it
+    target = url or default_url(settings.host, settings.port)
+    client = Client(target, api_key or settings.api_key or settings.read_only_api_key)
+    if client.health() is not None:
+        return client, target
+    return None, target
+
+
+def lock_holder(exc: BaseException) -> tuple[str | None, str | None] | None:
+    """(pid, program) when ``exc`` (or its cause) says the database is locked, else None."""
+    texts: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(texts) < 8:
+        texts.append(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(texts)
+    if not re.search(r"could not set lock|conflicting lock", text, re.IGNORECASE):
+        return None
+    match = LOCK_HOLDER.search(text)
+    return (match["pid"], match["exe"]) if match else (None, None)
+
+
+@contextlib.contextmanager
+def _open_catalog(settings: Settings, tried: str | None, explicit: bool = False
+                  ) -> Iterator[Catalog]:
+    """The data directory, or one line saying who holds it and the ways out."""
+    import duckdb
+
+    from service.catalog import Catalog
+    from service.errors import DotsearchError
+
+    try:
+        catalog = Catalog(settings.data_dir, settings.backend,
+                          duckdb_memory_limit=settings.duckdb_memory_limit)
+    except (DotsearchError, duckdb.Error) as exc:
+        holder = lock_holder(exc)
+        if holder is None:
+            _fail(f"cannot open the data directory {settings.data_dir}: {exc}")
+        pid, exe = holder
+        who = f"process {pid} ({exe})" if pid else "another process"
+        answered = f" (nothing answered at {tried})" if tried else ""
+        _fail(f"the data directory {settings.data_dir} is locked by {who}. Either stop that "
+              "process and run this again, or run this against a server: point --url (or "
+              f"DOTSEARCH_URL) at the server holding it{answered}, or start `dotsearch serve` "
+              "and use that")
+    if tried and explicit:
+        _say(f"no dotsearch server answers at {tried}; using {settings.data_dir} directly")
+    with catalog:
+        yield catalog
+
+
+def _featurizer(weights: str, batch_size: int = 32) -> Any:
+    from service.featurizer import Featurizer
+
+    featurizer = Featurizer(weights, batch_size=batch_size)
+    if featurizer.warning:
+        err.print(f"[bold red]WARNING:[/] {escape(featurizer.warning)}")
+    return featurizer
 
 
 @app.command()
@@ -61,76 +172,18 @@ def serve(host: Annotated[str | None, typer.Option(help="[env DOTSEARCH_HOST]")]
                 http=http_protocol(settings.header_timeout_s))
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def _run_ingest(folder: Path, sink: Sink, done: set[str], settings: Settings,
+                batch_size: int, label_from_dir: bool) -> FolderReport:
+    from service.ingest import ingest_folder
 
-
-def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
-def _ingested_names(catalog: Any, collection: str) -> set[str]:
-    """Filenames already stored in the collection (what makes ingest resumable)."""
-    result = catalog.query(f'SELECT filename FROM "{collection}" WHERE filename IS NOT NULL')
-    return {str(row[0]) for row in result.rows}
-
-
-def ingest_folder(catalog: Any, featurizer: Any, folder: Path, collection: str, *,
-                  batch_size: int = 32, label_from_dir: bool = False,
-                  settings: Settings | None = None, show_progress: bool = True
-                  ) -> dict[str, Any]:
-    """Featurize every image under ``folder`` into ``collection``; skips files already there.
-
-    Returns counts and the bad files with their reasons. Usable from Python as well.
-    """
-    from service.errors import DotsearchError, NotFound
-    from service.images import decode_image, thumbnail_jpeg
-    from service.routes.images import IMAGE_COLUMNS
-
-    settings = settings or Settings()
-    try:
-        info = catalog.get_collection(collection)
-    except NotFound:
-        info = catalog.create_collection(collection, featurizer.dim, "cosine", "float32",
-                                         dict(IMAGE_COLUMNS), thumbnails=True)
-    if "filename" not in info.columns:
-        raise typer.BadParameter(f"collection {collection!r} has no 'filename' column")
-    files = _image_files(folder)
-    done = _ingested_names(catalog, collection)
-    todo = [p for p in files if str(p.relative_to(folder)) not in done]
-    bad: list[tuple[str, str]] = []
-    added = 0
     progress = Progress(TextColumn("[bold]ingest"), BarColumn(), MofNCompleteColumn(),
-                        TimeRemainingColumn(), console=err, disable=not show_progress)
+                        TimeRemainingColumn(), console=err)
     with progress:
-        task = progress.add_task("ingest", total=len(todo))
-        for chunk in _chunks(todo, batch_size):
-            images, names, labels = [], [], []
-            for path in chunk:
-                try:
-                    images.append(decode_image(path.read_bytes(),
-                                               max_bytes=settings.max_image_bytes,
-                                               max_pixels=settings.max_image_pixels,
-                                               name=path.name))
-                except (DotsearchError, OSError) as exc:
-                    bad.append((str(path), str(exc)))
-                    continue
-                names.append(str(path.relative_to(folder)))
-                labels.append(path.parent.name if label_from_dir else None)
-            if images:
-                vectors = featurizer.featurize(images)
-                meta = [{"filename": n, **({"label": lab} if lab is not None else {})}
-                        for n, lab in zip(names, labels, strict=True)]
-                thumbs = ([thumbnail_jpeg(img, settings.thumbnail_size) for img in images]
-                          if info.thumbnails else None)
-                ids = catalog.next_ids(collection, len(images))
-                catalog.upsert(collection, ids, vectors, meta, thumbs)  # one commit per batch
-                added += len(images)
-            progress.advance(task, len(chunk))
-    return {"found": len(files), "skipped_existing": len(files) - len(todo), "added": added,
-            "bad": bad}
+        task = progress.add_task("ingest", total=None)
+        return ingest_folder(folder, sink, done=done, limits=settings, batch_size=batch_size,
+                             label_from_dir=label_from_dir,
+                             on_start=lambda n: progress.update(task, total=n),
+                             on_advance=lambda n: progress.advance(task, n))
 
 
 @app.command()
@@ -139,31 +192,38 @@ def ingest(folder: Annotated[Path, typer.Argument(exists=True, file_okay=False)]
            data_dir: DataDir = None, backend: Backend = None, weights: Weights = None,
            batch_size: Annotated[int, typer.Option(min=1)] = 32,
            label_from_dir: Annotated[bool, typer.Option(
-               help="Use each file's folder name as its label")] = False) -> None:
+               help="Use each file's folder name as its label")] = False,
+           url: Url = None, api_key: ApiKey = None) -> None:
     """Featurize a folder of images into a collection (resumable; bad files are skipped).
 
-    Works on the data directory directly: stop the server first (DuckDB has one writer).
+    Uploads to the running server when one answers; otherwise opens the data directory.
     """
-    from service.catalog import Catalog
-    from service.featurizer import Featurizer
+    from service.ingest import local_sink, stored_filenames
 
     settings = _settings(data_dir=data_dir, backend=backend, weights=weights)
     _logging("warning")
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    featurizer = Featurizer(settings.weights, batch_size=batch_size)
-    if featurizer.warning:
-        err.print(f"[bold red]WARNING:[/] {featurizer.warning}")
-    with Catalog(settings.data_dir, settings.backend,
-                 duckdb_memory_limit=settings.duckdb_memory_limit) as catalog:
-        start = time.perf_counter()
-        report = ingest_folder(catalog, featurizer, folder, collection, batch_size=batch_size,
-                               label_from_dir=label_from_dir, settings=settings)
-        seconds = time.perf_counter() - start
-    for path, reason in report["bad"]:
-        err.print(f"[yellow]skipped[/] {path}: {reason}")
-    console.print(f"{report['added']} added, {report['skipped_existing']} already there, "
-                  f"{len(report['bad'])} bad, of {report['found']} files "
-                  f"in {seconds:.1f} s -> collection [bold]{collection}[/]")
+    client, tried = _connect(settings, url, api_key, data_dir is not None)
+    start = time.perf_counter()
+    with _errors():
+        if client is not None:
+            client.wait_ready(featurizer=True, on_wait=_say)
+            report = _run_ingest(folder, client.sink(collection),
+                                 client.stored_filenames(collection), settings, batch_size,
+                                 label_from_dir)
+        else:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            with _open_catalog(settings, tried, url is not None) as catalog:
+                done = stored_filenames(catalog, collection)
+                sink = local_sink(catalog, _featurizer(settings.weights, batch_size),
+                                  collection, settings.thumbnail_size)
+                report = _run_ingest(folder, sink, done, settings, batch_size, label_from_dir)
+    seconds = time.perf_counter() - start
+    for path, reason in report.bad:
+        err.print(f"[yellow]skipped[/] {escape(path)}: {escape(reason)}", soft_wrap=True)
+    where = f"at {client.url}" if client is not None else f"in {settings.data_dir}"
+    console.print(f"{report.added} added, {report.skipped_existing} already there, "
+                  f"{len(report.bad)} bad, of {report.found} files in {seconds:.1f} s -> "
+                  f"collection [bold]{escape(collection)}[/] {escape(where)}", soft_wrap=True)
 
 
 def print_result(result: Any, title: str | None = None) -> None:
@@ -187,24 +247,30 @@ def print_result(result: Any, title: str | None = None) -> None:
         console.print(result.explain)
 
 
+def _remote_result(body: dict[str, Any]) -> Any:
+    from service.catalog_values import QueryResult
+
+    return QueryResult(list(body["columns"]), list(body.get("types") or []), list(body["rows"]),
+                       body.get("explain"))
+
+
 @app.command()
 def query(sql: Annotated[str, typer.Argument(help="SQL statement(s)")],
-          data_dir: DataDir = None, backend: Backend = None) -> None:
-    """Run SQL against the data directory and print a table (stop the server first)."""
-    from service.catalog import Catalog
-    from service.errors import DotsearchError
-
+          data_dir: DataDir = None, backend: Backend = None, url: Url = None,
+          api_key: ApiKey = None) -> None:
+    """Run SQL and print a table: on the running server, or on the data directory."""
     settings = _settings(data_dir=data_dir, backend=backend)
     _logging("warning")
-    try:
-        with Catalog(settings.data_dir, settings.backend,
-                     duckdb_memory_limit=settings.duckdb_memory_limit) as catalog:
-            start = time.perf_counter()
-            result = catalog.query(sql)
-            took = (time.perf_counter() - start) * 1000
-    except DotsearchError as exc:
-        err.print(f"[bold red]{exc.error}[/]: {exc}")
-        raise typer.Exit(1) from exc
+    client, tried = _connect(settings, url, api_key, data_dir is not None)
+    with _errors():
+        if client is not None:
+            body = client.query(sql)
+            result, took = _remote_result(body), float(body.get("took_ms") or 0.0)
+        else:
+            with _open_catalog(settings, tried, url is not None) as catalog:
+                start = time.perf_counter()
+                result = catalog.query(sql)
+                took = (time.perf_counter() - start) * 1000
     print_result(result)
     console.print(f"{len(result.rows)} rows in {took:.1f} ms")
 
@@ -213,53 +279,81 @@ DEMO_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "m
                "clock", "text", "immunohistochemistry", "hubble_deep_field")
 
 
+def _png(img: Image.Image) -> bytes:
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return out.getvalue()
+
+
+def _demo_remote(client: Client, collection: str, images: dict[str, Image.Image],
+                 query_img: Image.Image, sql: str) -> tuple[str, list[Any], Any]:
+    """The demo on a running server: (weights, hits as (id, score, label), SQL result)."""
+    health = client.wait_ready(featurizer=True, on_wait=_say)
+    client.drop(collection)
+    client.upload_images(collection, [(f"skimage.data.{n}", _png(img))
+                                      for n, img in images.items()],
+                         labels=list(images), ids=list(range(len(images))))
+    hits = [(h["id"], h["score"], (h.get("metadata") or {}).get("label"))
+            for h in client.search_image(collection, "query.png", _png(query_img), 3)]
+    weights = str(health["featurizer"].get("weights") or "?")
+    return weights, hits, _remote_result(client.query(sql))
+
+
+def _demo_local(catalog: Catalog, featurizer: Any, collection: str,
+                images: dict[str, Image.Image], query_img: Image.Image, sql: str,
+                thumbnail_size: int) -> tuple[str, list[Any], Any]:
+    """The demo on the data directory: (weights, hits as (id, score, label), SQL result)."""
+    from service.errors import NotFound
+    from service.ingest import ingest_images
+
+    with contextlib.suppress(NotFound):
+        catalog.drop_collection(collection)
+    ingest_images(catalog, featurizer, collection, list(images.values()),
+                  filenames=[f"skimage.data.{n}" for n in images], labels=list(images),
+                  ids=np.arange(len(images), dtype=np.int64), thumbnail_size=thumbnail_size)
+    found = catalog.search(collection, featurizer.featurize([query_img]), 3)[0]
+    hits = [(h.id, h.score, h.metadata.get("label")) for h in found]
+    return str(featurizer.weights_name), hits, catalog.query(sql)
+
+
 @app.command()
 def demo(data_dir: DataDir = None, weights: Weights = None,
-         collection: Annotated[str, typer.Option()] = "demo_photos") -> None:
+         collection: Annotated[str, typer.Option()] = "demo_photos",
+         url: Url = None, api_key: ApiKey = None) -> None:
     """Ingest scikit-image's sample photographs, then run a similar-image and a SQL query."""
     import skimage.data
     from PIL import Image, ImageOps
 
-    from service.catalog import Catalog
-    from service.errors import NotFound
-    from service.featurizer import Featurizer
-    from service.images import thumbnail_jpeg
-
     settings = _settings(data_dir=data_dir, weights=weights)
     _logging("warning")
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    featurizer = Featurizer(settings.weights)
-    if featurizer.warning:
-        err.print(f"[bold red]WARNING:[/] {featurizer.warning}")
+    client, tried = _connect(settings, url, api_key, data_dir is not None)
     images = {n: Image.fromarray(np.asarray(getattr(skimage.data, n)())).convert("RGB")
               for n in DEMO_PHOTOS}
-    with Catalog(settings.data_dir, settings.backend,
-                 duckdb_memory_limit=settings.duckdb_memory_limit) as catalog:
-        with contextlib.suppress(NotFound):
-            catalog.drop_collection(collection)
-        catalog.create_collection(collection, featurizer.dim, "cosine", "float32",
-                                  {"label": "VARCHAR", "filename": "VARCHAR"}, thumbnails=True)
-        vectors = featurizer.featurize(list(images.values()))
-        ids = np.arange(len(images), dtype=np.int64)
-        catalog.upsert(collection, ids, vectors,
-                       [{"label": n, "filename": f"skimage.data.{n}"} for n in images],
-                       [thumbnail_jpeg(img) for img in images.values()])
-        console.print(f"ingested {len(images)} photographs from scikit-image into "
-                      f"[bold]{collection}[/] (weights: {featurizer.weights_name})")
-        query_img = ImageOps.mirror(images["chelsea"])
-        hits = catalog.search(collection, featurizer.featurize([query_img]), 3)[0]
-        console.print("[bold]Similar to mirrored 'chelsea'[/] (search by image)")
-        table = Table()
-        for column in ("id", "score", "label"):
-            table.add_column(column)
-        for hit in hits:
-            table.add_row(str(hit.id), f"{hit.score:.4f}", str(hit.metadata.get("label")))
-        console.print(table)
-        sql = (f"SELECT id, label, DOT_PRODUCT(feature, (SELECT feature FROM {collection} "
-               f"WHERE label = 'coffee')) AS score FROM {collection} "
-               f"ORDER BY score DESC LIMIT 3")
-        console.print(f"[bold]SQL:[/] {sql}")
-        print_result(catalog.query(sql), title="More like 'coffee', in SQL")
+    query_img = ImageOps.mirror(images["chelsea"])
+    sql = (f"SELECT id, label, DOT_PRODUCT(feature, (SELECT feature FROM {collection} "
+           f"WHERE label = 'coffee')) AS score FROM {collection} "
+           f"ORDER BY score DESC LIMIT 3")
+    with _errors():
+        if client is not None:
+            used, hits, result = _demo_remote(client, collection, images, query_img, sql)
+        else:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            with _open_catalog(settings, tried, url is not None) as catalog:
+                used, hits, result = _demo_local(catalog, _featurizer(settings.weights),
+                                                 collection, images, query_img, sql,
+                                                 settings.thumbnail_size)
+    where = f" at {client.url}" if client is not None else ""
+    console.print(f"ingested {len(images)} photographs from scikit-image into "
+                  f"[bold]{escape(collection)}[/]{escape(where)} (weights: {escape(used)})")
+    console.print("[bold]Similar to mirrored 'chelsea'[/] (search by image)")
+    table = Table()
+    for column in ("id", "score", "label"):
+        table.add_column(column)
+    for hit_id, score, label in hits:
+        table.add_row(str(hit_id), f"{score:.4f}", str(label))
+    console.print(table)
+    console.print(f"[bold]SQL:[/] {escape(sql)}")
+    print_result(result, title="More like 'coffee', in SQL")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

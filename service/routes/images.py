@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Annotated, Any
+from typing import Annotated
 
 import numpy as np
 import numpy.typing as npt
@@ -14,10 +14,10 @@ from pydantic import Field, WithJsonSchema
 
 from service.errors import InvalidInput, NotFound, PayloadTooLarge
 from service.featurizer import Label
-from service.images import decode_image, thumbnail_jpeg
+from service.ingest import decode_images, store_images
 from service.routes.deps import READ, WRITE, SafeJSONResponse, Services, ServicesDep, in_thread
 from service.routes.search import hits_json
-from service.routes.vectors import fresh_ids, ids_from_text
+from service.routes.vectors import ids_from_text
 from service.schemas import (
     DECIMAL,
     ERROR_RESPONSES,
@@ -35,9 +35,6 @@ from service.schemas import (
 )
 
 router = APIRouter(prefix="/v1/collections/{name}", tags=["images"], responses=ERROR_RESPONSES)
-
-# Columns of a collection that the images route creates when it does not exist yet.
-IMAGE_COLUMNS = {"label": "VARCHAR", "filename": "VARCHAR"}
 
 # Form fields as the OpenAPI schema states them. An optional form field is absent or a
 # string, never JSON null, so its schema is the plain type (not anyOf [type, null]).
@@ -90,10 +87,8 @@ async def featurize_uploads(services: Services, uploads: list[UploadFile], *,
     blobs = [await read_upload(u, settings.max_image_bytes) for u in uploads]
 
     def work() -> tuple[npt.NDArray[np.float32], list[list[Label]], list[Image.Image]]:
-        images = [decode_image(b, max_bytes=settings.max_image_bytes,
-                               max_pixels=settings.max_image_pixels,
-                               name=u.filename or f"image {i}")
-                  for i, (b, u) in enumerate(zip(blobs, uploads, strict=True))]
+        images = decode_images([(u.filename or f"image {i}", b) for i, (b, u)
+                                in enumerate(zip(blobs, uploads, strict=True))], settings)
         if with_labels:
             vectors, labels = featurizer.featurize_with_labels(images)
         else:
@@ -104,23 +99,6 @@ async def featurize_uploads(services: Services, uploads: list[UploadFile], *,
     result = await in_thread(work)
     services.metrics.images.inc(len(uploads))
     return result
-
-
-async def _image_collection(services: Services, name: str) -> Any:
-    """The target collection, created (cosine, 2048-d, label/filename, thumbnails) if new."""
-    catalog = services.need_catalog()
-    try:
-        info = await in_thread(catalog.get_collection, name)
-    except NotFound:
-        try:
-            info = await in_thread(catalog.create_collection, name, 2048, "cosine",
-                                   "float32", dict(IMAGE_COLUMNS), thumbnails=True)
-        except Exception:
-            info = await in_thread(catalog.get_collection, name)  # created meanwhile
-    if info.dim != services.need_featurizer().dim:
-        raise InvalidInput(f"collection {name!r} holds {info.dim}-d vectors; image features "
-                           f"are {services.need_featurizer().dim}-d")
-    return info
 
 
 @router.post("/images", dependencies=WRITE)
@@ -144,22 +122,10 @@ async def upload_images(name: ImageNamePath, services: ServicesDep, files: Files
     # Everything is checked and featurized before the collection may be created, so a
     # refused upload leaves nothing behind.
     vectors, _, images = await featurize_uploads(services, files)
-    info = await _image_collection(services, name)
-    if label_list and "label" not in info.columns:
-        raise InvalidInput(f"collection {name!r} has no 'label' column")
-    metadata: list[dict[str, Any]] = [{} for _ in files]
-    for i, upload in enumerate(files):
-        if label_list:
-            metadata[i]["label"] = label_list[i]
-        if "filename" in info.columns and upload.filename:
-            metadata[i]["filename"] = upload.filename
-    thumbs = None
-    if info.thumbnails:
-        size = services.settings.thumbnail_size
-        thumbs = await in_thread(lambda: [thumbnail_jpeg(img, size) for img in images])
-    if id_arr is None:
-        id_arr = await fresh_ids(catalog, name, len(files))
-    await in_thread(catalog.upsert, name, id_arr, vectors, metadata, thumbs)
+    id_arr = await in_thread(
+        store_images, catalog, name, vectors, images, dim=services.need_featurizer().dim,
+        filenames=[u.filename for u in files], labels=label_list or None, ids=id_arr,
+        thumbnail_size=services.settings.thumbnail_size)
     return ImagesOut(collection=name, ids=[int(i) for i in id_arr], count=len(files),
                      took_ms=round((time.perf_counter() - start) * 1000, 3))
 
