@@ -22,7 +22,7 @@ from service.errors import Conflict, DotsearchError, InvalidInput, NotFound, Not
 from service.index_protocol import VectorIndex
 from service.limits import SqlLimits, Watch, Watchdog
 from service.snapshots import SNAPSHOT_ATTEMPTS, ReadSnapshot, ReadWriteOrder, StaleSnapshot
-from service.storage import RESERVED_COLUMNS, CollectionRecord, Storage
+from service.storage import DEFAULT_MEMORY_LIMIT, RESERVED_COLUMNS, CollectionRecord, Storage
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class CollectionStore:
         data_dir: Path | str,
         backend: str = "auto",
         *,
-        duckdb_memory_limit: str = "512MB",
+        duckdb_memory_limit: str = DEFAULT_MEMORY_LIMIT,
         sql_limits: SqlLimits | None = None,
     ) -> None:
         self.backend = backend

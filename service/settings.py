@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.storage import DEFAULT_MEMORY_LIMIT
+
 # The default SQL text bound, also stated in the OpenAPI schema of the SQL routes.
 MAX_SQL_CHARS = 1_048_576
 
@@ -37,7 +39,8 @@ class Settings(BaseSettings):
     thumbnail_size: int = Field(default=128, ge=16, le=1024, description="Thumbnail longest side")
     api_key: str | None = Field(default=None, description="Read-write API key (X-API-Key)")
     read_only_api_key: str | None = Field(default=None, description="Read-only API key (X-API-Key)")
-    duckdb_memory_limit: str = Field(default="512MB", description="DuckDB memory_limit")
+    duckdb_memory_limit: str = Field(default=DEFAULT_MEMORY_LIMIT,
+                                     description="DuckDB memory_limit")
     sql_timeout_s: float = Field(default=5.0, gt=0, le=3600,
                                  description="Longest a SQL statement or search filter may run")
     sql_max_chars: int = Field(default=MAX_SQL_CHARS, ge=1, description="Longest SQL text")

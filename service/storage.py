@@ -44,6 +44,9 @@ COLLECTIONS_TABLE = "_dotsearch_collections"
 CHUNK_ROWS = 8192
 
 RESERVED_COLUMNS = {"id", THUMBNAIL_COLUMN, "rowid"}
+DEFAULT_MEMORY_LIMIT = "512MB"  # DuckDB's memory_limit unless DOTSEARCH_DUCKDB_MEMORY_LIMIT
+# Up to this many ids are looked up by primary key as parameters; more are joined as a view.
+POINT_LOOKUP_MAX = 1024
 # A checkpoint that runs out of disk space stops DuckDB (every statement fails until the
 # database is opened again); a WAL append that runs out just fails its commit. Automatic
 # checkpoints pause while the disk lacks room for one: 2x WAL and staged batch + headroom.
@@ -73,7 +76,7 @@ class Storage:
     words; should DuckDB invalidate its database, ``commit`` reopens it so reads go on.
     """
 
-    def __init__(self, data_dir: Path | str, *, memory_limit: str = "512MB",
+    def __init__(self, data_dir: Path | str, *, memory_limit: str = DEFAULT_MEMORY_LIMIT,
                  checkpoint_threshold: str = "256MB",
                  reopen_guard: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
                  ) -> None:
@@ -404,7 +407,7 @@ class Storage:
         if len(ids) == 0:
             return {}
         projection = ", ".join(["t.id", *(f"t.{quote(c)}" for c in columns)])
-        if len(ids) <= 1024:
+        if len(ids) <= POINT_LOOKUP_MAX:
             # Point lookups through the primary-key index; ids travel as parameters.
             marks = ", ".join(f"$i{i}" for i in range(len(ids)))
             rows = cur.execute(

@@ -22,13 +22,12 @@ from service.sql.vectors import (
     vector_args,
     vector_kind,
 )
-from service.storage import CollectionRecord
+from service.storage import POINT_LOOKUP_MAX, CollectionRecord
 
 # (call kind, collection metric) pairs the index answers exactly.
 SERVABLE = {("dot", "dot"), ("l2", "l2"), ("cos_sim", "cosine"), ("cos_dist", "cosine"),
             ("dot", "cosine")}
 COMPARISONS: dict[type[exp.Expr], str] = {exp.GT: ">", exp.GTE: ">=", exp.LT: "<", exp.LTE: "<="}
-POINT_LOOKUP_MAX = 1024
 FLIPPED = {">": "<", ">=": "<=", "<": ">", "<=": ">="}
 
 
