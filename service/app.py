@@ -6,7 +6,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,6 +23,9 @@ from service.metrics import LatencyMiddleware, Metrics
 from service.routes import collections, docs, featurize, health, images, query, search, ui, vectors
 from service.routes.deps import SafeJSONResponse, Services
 from service.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from service.catalog import Catalog
 
 log = logging.getLogger("dotsearch")
 
@@ -121,14 +124,14 @@ class BodyLimitMiddleware:
         await self.app(scope, counted, send)
 
 
-def _backend_info(settings: Settings, catalog: Any) -> dict[str, Any]:
+def _backend_info(settings: Settings, catalog: Catalog) -> dict[str, Any]:
     try:
         from service.backend import select_backend
 
         choice = select_backend(settings.backend)
         return {"backend": choice.name, "device": str(choice.device)}
     except ImportError:
-        return {"backend": getattr(catalog, "backend_name", settings.backend), "device": "cpu"}
+        return {"backend": catalog.backend_name, "device": "cpu"}
 
 
 def _load_featurizer(services: Services) -> None:
@@ -148,7 +151,7 @@ def _load_featurizer(services: Services) -> None:
         services.featurizer_ready.set()
 
 
-def create_app(settings: Settings | None = None, *, catalog: Any = None,
+def create_app(settings: Settings | None = None, *, catalog: Catalog | None = None,
                featurizer: Any = None) -> FastAPI:
     """A ready-to-serve app. ``catalog`` / ``featurizer`` may be injected (tests, embedding);
     an injected catalog is not closed on shutdown."""
@@ -161,14 +164,14 @@ def create_app(settings: Settings | None = None, *, catalog: Any = None,
         from service.catalog import Catalog
 
         owned = catalog is None
-        if owned:
+        if catalog is None:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
-            services.catalog = Catalog(settings.data_dir, settings.backend,
-                                       duckdb_memory_limit=settings.duckdb_memory_limit,
-                                       sql_limits=SqlLimits.from_settings(settings))
+            cat = Catalog(settings.data_dir, settings.backend,
+                          duckdb_memory_limit=settings.duckdb_memory_limit,
+                          sql_limits=SqlLimits.from_settings(settings))
         else:
-            services.catalog = catalog
-        cat = services.catalog
+            cat = catalog
+        services.catalog = cat
         services.backend = _backend_info(settings, cat)
         log.info("storage %s open, backend %s", settings.data_dir, services.backend)
         services.batcher = SearchBatcher(

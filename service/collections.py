@@ -16,7 +16,7 @@ import duckdb
 import numpy as np
 import numpy.typing as npt
 
-from service.catalog_values import CollectionInfo, Hit, as_id_array, as_vectors
+from service.catalog_values import ID_MAX, CollectionInfo, Hit, as_id_array, as_vectors
 from service.duck_values import canonical_type, check_name, first_row, map_duckdb_error
 from service.errors import Conflict, DotsearchError, InvalidInput, NotFound, NotReady
 from service.index_protocol import VectorIndex
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 METRICS = ("dot", "cosine", "l2")
 DTYPES = ("float32", "float16")
 MAX_DIM = 65536
-MAX_ID = 2**63 - 1
 MAX_SEARCH_HITS = 1_000_000  # query rows x results of one search (its answer's size)
 
 
@@ -376,8 +375,8 @@ class CollectionStore:
         coll = self.collection(name)
         with self._id_lock:
             start = coll.next_id
-            if start + int(n) - 1 > MAX_ID:
-                raise InvalidInput(f"{n} more ids would pass the largest id, {MAX_ID}; give "
+            if start + int(n) - 1 > ID_MAX:
+                raise InvalidInput(f"{n} more ids would pass the largest id, {ID_MAX}; give "
                                    "ids explicitly")
             coll.next_id += int(n)
         return np.arange(start, start + int(n), dtype=np.int64)

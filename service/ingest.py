@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -14,6 +14,9 @@ from PIL import Image
 from service.catalog_values import ID_MAX, CollectionInfo
 from service.errors import DotsearchError, InvalidInput, NotFound
 from service.images import decode_image, thumbnail_jpeg
+
+if TYPE_CHECKING:
+    from service.catalog import Catalog
 
 # Columns of a collection that an image ingest creates when it does not exist yet.
 IMAGE_COLUMNS = {"label": "VARCHAR", "filename": "VARCHAR"}
@@ -42,7 +45,7 @@ def decode_images(blobs: Sequence[tuple[str, bytes]], limits: Limits) -> list[Im
             for name, data in blobs]
 
 
-def image_collection(catalog: Any, name: str, dim: int) -> CollectionInfo:
+def image_collection(catalog: Catalog, name: str, dim: int) -> CollectionInfo:
     """The target collection, created (cosine, ``dim``, label/filename, thumbnails) if new."""
     try:
         info: CollectionInfo = catalog.get_collection(name)
@@ -58,7 +61,7 @@ def image_collection(catalog: Any, name: str, dim: int) -> CollectionInfo:
     return info
 
 
-def store_images(catalog: Any, name: str, vectors: npt.NDArray[np.float32],
+def store_images(catalog: Catalog, name: str, vectors: npt.NDArray[np.float32],
                  images: Sequence[Image.Image], *, dim: int,
                  filenames: Sequence[str | None] | None = None,
                  labels: Sequence[str] | None = None, ids: npt.NDArray[np.int64] | None = None,
@@ -90,7 +93,7 @@ def store_images(catalog: Any, name: str, vectors: npt.NDArray[np.float32],
     return ids
 
 
-def ingest_images(catalog: Any, featurizer: Featurizes, name: str,
+def ingest_images(catalog: Catalog, featurizer: Featurizes, name: str,
                   images: Sequence[Image.Image], **options: Any) -> npt.NDArray[np.int64]:
     """Featurize decoded images and store them (``store_images``'s options)."""
     vectors = featurizer.featurize(list(images))
@@ -165,7 +168,7 @@ def ingest_folder(folder: Path, sink: Sink, *, done: set[str], limits: Limits,
     return report
 
 
-def local_sink(catalog: Any, featurizer: Featurizes, collection: str,
+def local_sink(catalog: Catalog, featurizer: Featurizes, collection: str,
                thumbnail_size: int = 128) -> Sink:
     """A sink that featurizes and upserts into an open catalog (one commit per batch)."""
 
@@ -180,7 +183,7 @@ def local_sink(catalog: Any, featurizer: Featurizes, collection: str,
     return store
 
 
-def stored_filenames(catalog: Any, collection: str) -> set[str]:
+def stored_filenames(catalog: Catalog, collection: str) -> set[str]:
     """Filenames already in the collection (what makes an ingest resumable); none if new."""
     try:
         info = catalog.get_collection(collection)

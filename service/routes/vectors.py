@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +29,9 @@ from service.schemas import (
     VectorOut,
     inline_json_body,
 )
+
+if TYPE_CHECKING:
+    from service.catalog import Catalog
 
 router = APIRouter(prefix="/v1/collections/{name}/vectors", tags=["vectors"],
                    responses=ERROR_RESPONSES)
@@ -130,13 +133,9 @@ def id_range(id_start: int, n: int) -> npt.NDArray[np.int64]:
     return np.arange(id_start, id_start + n, dtype=np.int64)
 
 
-async def fresh_ids(catalog: Any, name: str, n: int) -> npt.NDArray[np.int64]:
-    """n ids the catalog has not handed out; 422 when none are left below 2^63-1."""
-    try:
-        ids: npt.NDArray[np.int64] = await in_thread(catalog.next_ids, name, n)
-    except OverflowError as exc:
-        raise InvalidInput(f"no {n} fresh ids left in 0..{ID_MAX} (2^63-1); "
-                           "give the ids explicitly") from exc
+async def fresh_ids(catalog: Catalog, name: str, n: int) -> npt.NDArray[np.int64]:
+    """n ids the catalog has not handed out (422 when none are left below 2^63-1)."""
+    ids: npt.NDArray[np.int64] = await in_thread(catalog.next_ids, name, n)
     return ids
 
 
