@@ -168,7 +168,8 @@ def create_app(settings: Settings | None = None, *, catalog: Catalog | None = No
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             cat = Catalog(settings.data_dir, settings.backend,
                           duckdb_memory_limit=settings.duckdb_memory_limit,
-                          sql_limits=SqlLimits.from_settings(settings))
+                          sql_limits=SqlLimits.from_settings(settings),
+                          engine_options=settings.engine_options())
         else:
             cat = catalog
         services.catalog = cat

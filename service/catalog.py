@@ -9,7 +9,7 @@ import numpy.typing as npt
 
 from service.auth import Access
 from service.catalog_values import Hit, QueryResult
-from service.collections import CollectionStore
+from service.collections import AllowFn, CollectionStore
 from service.sql.executor import execute_script
 from service.sql.filters import filter_ids
 from service.sql.functions import register_functions
@@ -39,7 +39,7 @@ class Catalog(CollectionStore):
         return execute_script(self, sql, params, access=access)
 
     def search(self, name: str, queries: Any, k: int, *, threshold: float | None = None,
-               offset: int = 0, allow: Any = None, filter: str | None = None
+               offset: int = 0, allow: AllowFn | None = None, filter: str | None = None
                ) -> list[list[Hit]]:
         """Top-k per query; ``filter``, a SQL boolean expression over metadata, pre-filters
         exactly (it runs in the search's snapshot, under the SQL limits)."""

@@ -123,10 +123,13 @@ def _open_catalog(settings: Settings, tried: str | None, explicit: bool = False
 
     from service.catalog import Catalog
     from service.errors import DotsearchError
+    from service.limits import SqlLimits
 
     try:
         catalog = Catalog(settings.data_dir, settings.backend,
-                          duckdb_memory_limit=settings.duckdb_memory_limit)
+                          duckdb_memory_limit=settings.duckdb_memory_limit,
+                          sql_limits=SqlLimits.from_settings(settings),
+                          engine_options=settings.engine_options())
     except (DotsearchError, duckdb.Error) as exc:
         holder = lock_holder(exc)
         if holder is None:

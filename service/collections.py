@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,18 +16,17 @@ import duckdb
 import numpy as np
 import numpy.typing as npt
 
+from service.backend import make_index, resolve_backend
 from service.catalog_values import ID_MAX, CollectionInfo, Hit, as_id_array, as_vectors
 from service.duck_values import canonical_type, check_name, first_row, map_duckdb_error
 from service.errors import Conflict, DotsearchError, InvalidInput, NotFound, NotReady
-from service.index_protocol import VectorIndex
+from service.index_protocol import DTYPES, METRICS, VectorIndex
 from service.limits import SqlLimits, Watch, Watchdog
 from service.snapshots import SNAPSHOT_ATTEMPTS, ReadSnapshot, ReadWriteOrder, StaleSnapshot
 from service.storage import DEFAULT_MEMORY_LIMIT, RESERVED_COLUMNS, CollectionRecord, Storage
 
 log = logging.getLogger(__name__)
 
-METRICS = ("dot", "cosine", "l2")
-DTYPES = ("float32", "float16")
 MAX_DIM = 65536
 MAX_SEARCH_HITS = 1_000_000  # query rows x results of one search (its answer's size)
 
@@ -88,15 +87,18 @@ class CollectionStore:
         *,
         duckdb_memory_limit: str = DEFAULT_MEMORY_LIMIT,
         sql_limits: SqlLimits | None = None,
+        engine_options: Mapping[str, int | None] | None = None,
     ) -> None:
         self.backend = backend
+        # Decided before the database opens: a missing GPU fails first.
+        self.backend_name = resolve_backend(backend)
+        self.engine_options = dict(engine_options or {})
         self.sql_limits = sql_limits or SqlLimits()
         self.watchdog = Watchdog()
         self._storage = Storage(data_dir, memory_limit=duckdb_memory_limit,
                                 reopen_guard=lambda: self._order.reopen_guard())
         self._id_lock = threading.Lock()
         self._collections: dict[str, Collection] = {}
-        self.backend_name = "cpu"
         try:
             self._order = ReadWriteOrder(self._storage)
             self._load()
@@ -105,16 +107,11 @@ class CollectionStore:
             raise
 
     def _make_index(self, rec: CollectionRecord) -> VectorIndex:
-        from service.backend import make_index
-
-        index = make_index(rec.dim, rec.metric, rec.dtype, backend=self.backend)
-        self.backend_name = "gpu" if "gpu" in type(index).__module__ else "cpu"
-        return index
+        return make_index(rec.dim, rec.metric, rec.dtype, backend=self.backend_name,
+                          **self.engine_options)
 
     def _load(self) -> None:
         records = self._storage.load_records()
-        if not records:
-            self._make_index(CollectionRecord("probe", 1, "dot", "float32"))
         for rec in records:
             index = self._make_index(rec)
             for ids, vectors in _prefetched(self._storage.iter_vectors(rec)):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Iterable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import Path
 from pydantic import (
@@ -19,6 +19,7 @@ from pydantic import (
 
 from service.catalog_values import ID_MAX
 from service.duck_values import NAME_RE, TYPE_ALIASES
+from service.index_protocol import Metric, StorageDtype
 from service.settings import Settings
 
 # -- limits (each one is stated in the OpenAPI schema and named in the 4xx that enforces it) --
@@ -157,8 +158,8 @@ class CollectionCreate(_Strict):
     dim: Annotated[int, Field(strict=False, ge=1, le=MAX_DIM, examples=[3],
                               description="vector length (2048 for image features)"),
                    _JSON_INT]
-    metric: Literal["cosine", "dot", "l2"] = "cosine"
-    dtype: Literal["float32", "float16"] = "float32"
+    metric: Metric = "cosine"
+    dtype: StorageDtype = "float32"
     columns: Columns = Field(
         default_factory=dict, examples=[{"label": "VARCHAR", "year": "BIGINT"}],
         description="metadata columns; names must differ from each other in more than case")

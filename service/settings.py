@@ -51,9 +51,22 @@ class Settings(BaseSettings):
                                    description="Process memory (bytes) one statement may add")
     sql_max_result_bytes: int = Field(default=64 << 20, ge=1024,
                                       description="Largest SQL result, in bytes")
+    engine_block_bytes: int | None = Field(
+        default=None, ge=1, description="Engine block size in bytes (default 256 MiB)")
+    engine_block_rows: int | None = Field(
+        default=None, ge=1, description="Rows per engine block; overrides engine_block_bytes")
+    engine_scratch_bytes: int | None = Field(
+        default=None, ge=1, description="Scratch per search in bytes (default 16 MiB on the CPU, "
+        "1 GiB on the GPU); lower it after a GPU out-of-memory error")
     header_timeout_s: float = Field(default=10.0, gt=0, le=600,
                                     description="Time a client has to send request headers")
     log_level: str = Field(default="info", description="Log level")
+
+
+    def engine_options(self) -> dict[str, int | None]:
+        """The index constructors' options (None: the engine's default)."""
+        return {"block_bytes": self.engine_block_bytes, "block_rows": self.engine_block_rows,
+                "scratch_bytes": self.engine_scratch_bytes}
 
 
 @lru_cache(maxsize=1)

@@ -55,13 +55,16 @@ class EmulatedCudaOps:
 IndexFactory = Callable[..., Any]
 
 
-def _emulated_gpu(dim: int, metric: str = "cosine", dtype: str = "float32", **kw: Any) -> Any:
-    return GpuIndex(dim, metric, dtype, ops=EmulatedCudaOps(), **kw)
+class EmulatedGpuIndex(GpuIndex):
+    """GpuIndex over EmulatedCudaOps: the same constructor, no CUDA device needed."""
+
+    def _device_ops(self) -> EmulatedCudaOps:
+        return EmulatedCudaOps()
 
 
 BACKENDS = [
     pytest.param(CpuIndex, id="cpu"),
-    pytest.param(_emulated_gpu, id="gpu-emulated"),
+    pytest.param(EmulatedGpuIndex, id="gpu-emulated"),
     pytest.param(GpuIndex, id="gpu", marks=[
         pytest.mark.gpu, pytest.mark.skipif(not GPU_OK, reason=f"no GPU: {GPU_WHY}")]),
 ]

@@ -5,10 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cpu_fallback.core import DTYPES, METRICS, VectorIndex
 from tests.index_support import BACKENDS, reference_scores, reference_search, stored_values
-
-METRICS = ["dot", "cosine", "l2"]
-DTYPES = ["float32", "float16"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -167,18 +165,22 @@ def test_threshold_and_range_search(make, metric):
     if not near.any():
         assert_matches_reference(scores, got, ref_s, ref_i, all_scores, ids, 1e-4)
 
-    lims, _, r_ids, totals = index.range_search(queries, threshold)
+    lims, r_scores, r_ids, totals = index.range_search(queries, threshold)
     capped = index.range_search(queries, threshold, max_results=7)
     for q in range(len(queries)):
         passing = all_scores[q] <= threshold if metric == "l2" else all_scores[q] >= threshold
         expected = set(ids[passing & ~near[q]].tolist())
-        found = r_ids[lims[q]:lims[q + 1]]
+        found, found_scores = r_ids[lims[q]:lims[q + 1]], r_scores[lims[q]:lims[q + 1]]
         assert expected <= set(found.tolist()) <= set(ids[passing | near[q]].tolist())
         assert totals[q] == len(found)
-        _, want = reference_search(stored, ids, queries[q:q + 1], metric, totals[q],
-                                   threshold=threshold)
-        if not near[q].any():
-            assert found.tolist() == want[0].tolist()  # best first, ties by id
+        # best first by the returned score, ties by id, exactly
+        closeness = -found_scores if metric == "l2" else found_scores
+        assert (np.lexsort((found, -closeness)) == np.arange(len(found))).all()
+        want_s, want = reference_search(stored, ids, queries[q:q + 1], metric, totals[q],
+                                        threshold=threshold)
+        if not near[q].any():  # the float64 order, but for rows tied within rounding
+            assert_matches_reference(found_scores[None], found[None], want_s, want,
+                                     all_scores[q:q + 1], ids, 1e-4)
         c_lims, _, c_ids, c_totals = capped
         assert c_totals[q] == totals[q]
         assert c_ids[c_lims[q]:c_lims[q + 1]].tolist() == found[:7].tolist()
@@ -266,6 +268,23 @@ def test_memory_info_counts_rows(make):
     info = index.memory_info()
     assert info["vectors"] == 300 and info["vector_bytes"] == 300 * 16 * 2
     assert info["capacity_rows"] == 512
+    assert info["backend"] == type(index).backend and info["device"]
+
+
+def test_engine_options_are_the_same_keywords_everywhere(make):
+    """block_bytes, block_rows, scratch_bytes: None is the default, bad values are refused."""
+    index = make(16, "dot", "float16", block_bytes=16 * 2 * 4096, scratch_bytes=1 << 20)
+    assert isinstance(index, VectorIndex) and index.backend in ("cpu", "gpu")
+    info = index.memory_info()
+    assert info["block_rows"] == 4096 and info["scratch_budget_bytes"] == 1 << 20
+    assert make(16, "dot", block_bytes=None, block_rows=None, scratch_bytes=None).memory_info()[
+        "scratch_budget_bytes"] == type(index).default_scratch_bytes
+    assert make(16, "dot", block_bytes=16 * 4 * 4096, block_rows=300).memory_info()[
+        "block_rows"] == 300
+    for option in ("block_bytes", "block_rows", "scratch_bytes"):
+        for bad in (0, -1, 2.5, True):
+            with pytest.raises(ValueError, match=option):
+                make(16, "dot", **{option: bad})
 
 
 @pytest.mark.parametrize("nq", [1, 5, 130])
@@ -321,3 +340,43 @@ def test_growth_keeps_every_row(make):
     assert index.memory_info()["capacity_rows"] >= 7000
     _, ids = index.search(vectors[6999:], 1)
     assert ids[0, 0] == 6999
+
+
+def test_backend_is_resolved_once_and_options_pass_through():
+    from service.backend import make_index, resolve_backend
+    from tests.index_support import GPU_OK
+
+    assert resolve_backend("cpu") == "cpu"
+    assert resolve_backend("auto") == ("gpu" if GPU_OK else "cpu")
+    if not GPU_OK:
+        with pytest.raises(RuntimeError, match="no GPU"):
+            resolve_backend("gpu")
+    index = make_index(8, "l2", "float32", backend="cpu", block_rows=300, scratch_bytes=4096,
+                       block_bytes=None)
+    assert index.backend == "cpu" and isinstance(index, VectorIndex)
+    assert index.memory_info()["block_rows"] == 300
+    assert index.memory_info()["scratch_budget_bytes"] == 4096
+
+
+def test_backends_import_only_the_core():
+    """Layers: no backend imports service/; gpu/ takes only cpu_fallback.core from the host."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for path in [*root.glob("cpu_fallback/**/*.py"), *root.glob("gpu/**/*.py")]:
+        tree = ast.parse(path.read_text())
+        names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for alias in node.names}
+        names |= {node.module or "" for node in ast.walk(tree)
+                  if isinstance(node, ast.ImportFrom)}
+        ours = {n for n in names if n.split(".")[0] in ("service", "gpu", "cpu_fallback")}
+        package = path.relative_to(root).parts
+        if package[:2] == ("cpu_fallback", "core"):
+            allowed = ("cpu_fallback.core",)
+        elif package[0] == "cpu_fallback":
+            allowed = ("cpu_fallback",)
+        else:
+            allowed = ("gpu", "cpu_fallback.core")
+        assert all(any(n == a or n.startswith(a + ".") for a in allowed) for n in ours), (
+            path, ours)

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cpu_fallback import CpuIndex
+from cpu_fallback.core import METRICS, merge_range_results, merge_search_results
 from tests.index_support import BACKENDS, reference_scores, reference_search, stored_values
 from tests.test_index_conformance import assert_matches_reference
 
@@ -24,7 +25,7 @@ def make(request):
     dim=st.integers(1, 40),
     nq=st.integers(1, 9),
     k=st.integers(0, 320),
-    metric=st.sampled_from(["dot", "cosine", "l2"]),
+    metric=st.sampled_from(METRICS),
     block_rows=st.integers(1, 128),
     seed=st.integers(0, 2**32 - 1),
     use_allow=st.booleans(),
@@ -87,3 +88,45 @@ def test_cpu_index_agrees_with_faiss_flat_ip():
     differ = ids != faiss_ids
     assert np.all(np.abs(scores[differ] - faiss_scores[differ]) < 1e-4)
     assert differ.mean() < 0.01
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n=st.integers(1, 200),
+    shards=st.integers(1, 4),
+    k=st.integers(0, 250),
+    metric=st.sampled_from(METRICS),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_merged_shards_answer_like_one_index(make, n, shards, k, metric, seed):
+    """merge_search_results / merge_range_results over shards equal the reference, with ties."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.integers(-2, 3, (n, 5)).astype(np.float32)  # small ints: many exact ties
+    vectors[:, 0] = np.where((vectors == 0).all(axis=1), 1, vectors[:, 0])  # no zero rows
+    ids = rng.choice(10 * n, n, replace=False).astype(np.int64)
+    queries = rng.integers(-2, 3, (3, 5)).astype(np.float32) + np.float32(0.5)
+    owner = rng.integers(0, shards, n)
+    parts = [make(5, metric, block_rows=16) for _ in range(shards)]
+    for s, part in enumerate(parts):
+        if (owner == s).any():
+            part.add(ids[owner == s], vectors[owner == s])
+    scores, got = merge_search_results([p.search(queries, k) for p in parts], k, metric)
+    stored = stored_values(vectors, metric, "float32")
+    all_scores = reference_scores(stored, queries, metric)
+    ref_s, ref_i = reference_search(stored, ids, queries, metric, k)
+    assert_matches_reference(scores, got, ref_s, ref_i, all_scores, ids, 1e-4)
+    if metric == "dot":  # small integers score exactly: ties must go to the smaller id
+        np.testing.assert_array_equal(got, ref_i)
+    distinct = np.unique(all_scores)  # a threshold in the widest gap, far from every score
+    gap = int(np.argmax(np.diff(distinct))) if len(distinct) > 1 else 0
+    limit = float(distinct[gap:gap + 2].mean() if len(distinct) > 1 else distinct[0] + 0.5)
+    lims, r_scores, r_ids, totals = merge_range_results(
+        [p.range_search(queries, limit, max_results=7) for p in parts], metric, 7)
+    for q in range(len(queries)):
+        _, want = reference_search(stored, ids, queries[q:q + 1], metric, n, threshold=limit)
+        want = want[0][want[0] != -1]
+        assert totals[q] == len(want) and lims[q + 1] - lims[q] == min(7, len(want))
+        found = r_scores[lims[q]:lims[q + 1]]
+        assert np.all(np.diff(found) >= 0) if metric == "l2" else np.all(np.diff(found) <= 0)
+        assert np.isin(r_ids[lims[q]:lims[q + 1]], want).all()

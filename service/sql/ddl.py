@@ -12,6 +12,7 @@ from sqlglot import exp
 from service.catalog_values import QueryResult
 from service.duck_values import first_row, quote
 from service.errors import InvalidInput, QueryError
+from service.index_protocol import METRICS
 from service.limits import Watch
 from service.sql.dialect import error_at, parse_script, to_duckdb
 from service.sql.vectors import Context, as_float32, bind_parameters, eval_vector
@@ -132,8 +133,8 @@ def _metric_option(stmt: exp.Create) -> str:
             text = prop.this.name.strip().lower().replace(" ", "")
             if text.startswith("metric="):
                 metric = text.split("=", 1)[1]
-                if metric not in ("dot", "cosine", "l2"):
-                    raise error_at("metric must be dot, cosine or l2", prop)
+                if metric not in METRICS:
+                    raise error_at(f"metric must be one of {', '.join(METRICS)}", prop)
                 return metric
     return "dot"
 

@@ -1,4 +1,4 @@
-"""Host-side bookkeeping both backends share: batches, the id <-> row map, final results."""
+"""Row bookkeeping every blocked index shares: the id <-> row map, blocks, allow-list runs."""
 
 from __future__ import annotations
 
@@ -8,38 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from cpu_fallback.topk import sort_rows
-from cpu_fallback.validation import as_ids, as_matrix, normalise_rows
+from cpu_fallback.core.contract import GATHER_FRACTION
+from cpu_fallback.core.validation import as_ids
 
 Ids = npt.NDArray[np.int64]
-Scores = npt.NDArray[np.float32]
-
-
-def prepare_batch(
-    ids: npt.ArrayLike, vectors: npt.ArrayLike, dim: int, metric: str, storage: np.dtype
-) -> tuple[Ids, np.ndarray]:
-    """Checked ids and vectors as stored (normalised under cosine, cast), last duplicate wins."""
-    id_array = as_ids(ids)
-    matrix = as_matrix(vectors, dim, "vectors")
-    if len(id_array) != len(matrix):
-        raise ValueError(f"got {len(id_array)} ids for {len(matrix)} vectors")
-    if metric == "cosine":
-        matrix = normalise_rows(matrix, "vectors")
-    if storage != matrix.dtype:
-        with np.errstate(over="ignore"):  # overflow is reported just below
-            matrix = matrix.astype(storage)
-        if not np.isfinite(matrix).all():
-            raise ValueError(f"vectors overflow {storage.name} (largest magnitude 65504)")
-    unique, last_reversed = np.unique(id_array[::-1], return_index=True)
-    if len(unique) == len(id_array):  # no duplicates: no copy
-        return id_array, matrix
-    last = len(id_array) - 1 - last_reversed
-    return id_array[last], matrix[last]
-
-
-def prepare_queries(queries: npt.ArrayLike, dim: int, metric: str) -> Scores:
-    matrix = as_matrix(queries, dim, "queries")
-    return normalise_rows(matrix, "queries") if metric == "cosine" else matrix
 
 
 @dataclass(frozen=True)
@@ -145,52 +117,39 @@ def split_by_block(positions: Ids, block_rows: int) -> Iterator[tuple[int, RowIn
 
 
 def blocks_in_use(count: int, block_rows: int) -> int:
+    """How many blocks of block_rows rows hold count rows."""
     return -(-count // block_rows)
 
 
-class Scoring:
-    """Turns ranking keys (higher is closer) into the metric's scores and back."""
+@dataclass(frozen=True)
+class BlockRun:
+    """The rows of one block a search may return.
 
-    def __init__(self, metric: str) -> None:
-        self.metric = metric
-        self.missing = np.float32(np.inf if metric == "l2" else -np.inf)
+    ``local`` is None when every row may be returned; otherwise it holds the sorted
+    offsets (within the block) of the allowed rows, and ``gather`` says whether to score
+    only those rows (a sparse allow-list) or the whole block with the rest masked.
+    """
 
-    def scores(self, keys: Scores, queries: Scores) -> Scores:
-        """l2 keys are 2 q.x - |x|^2, so |q - x| = sqrt(|q|^2 - key); others are scores."""
-        if self.metric != "l2":
-            return keys
-        q_sq = np.einsum("ij,ij->i", queries, queries)[:, None]
-        return np.sqrt(np.maximum(q_sq - keys, 0)).astype(np.float32)
+    block: int
+    start: int  # row position of the block's first row
+    rows: int  # rows in use in the block
+    local: Ids | None = None
+    gather: bool = False
 
-    def passes(self, scores: Scores, limit: float) -> npt.NDArray[np.bool_]:
-        return scores <= limit if self.metric == "l2" else scores >= limit
 
-    def closeness(self, scores: Scores) -> Scores:
-        return -scores if self.metric == "l2" else scores
+def plan_runs(allowed: Ids | None, count: int, block_rows: int) -> Iterator[BlockRun]:
+    """BlockRuns over count rows for sorted allowed positions (None: every row).
 
-    def finish(
-        self, keys: Scores, ids: Ids, queries: Scores, limit: float | None,
-        out_scores: Scores, out_ids: Ids,
-    ) -> None:
-        """Write one chunk's exact top-k (unordered keys and ids) into padded outputs."""
-        keys, ids = sort_rows(keys, ids)
-        found = self.scores(keys, queries)
-        valid = keys > -np.inf
-        if limit is not None:
-            valid &= self.passes(found, limit)
-        width = keys.shape[1]
-        out_scores[:, :width] = np.where(valid, found, self.missing)
-        out_ids[:, :width] = np.where(valid, ids, -1)
-
-    def ranges(
-        self, query_of: Ids, scores: Scores, ids: Ids, nq: int, cap: int | None
-    ) -> tuple[Ids, Scores, Ids, Ids]:
-        """(lims, scores, ids, totals) from flat hits: per query best first, ties by id."""
-        order = np.lexsort((ids, -self.closeness(scores), query_of))
-        query_of, scores, ids = query_of[order], scores[order], ids[order]
-        totals = np.bincount(query_of, minlength=nq).astype(np.int64)
-        rank = np.arange(len(query_of)) - np.repeat(np.cumsum(totals) - totals, totals)
-        kept = totals if cap is None else np.minimum(totals, cap)
-        keep = rank < np.repeat(kept, totals)
-        lims = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
-        return lims, scores[keep].astype(np.float32), ids[keep], totals
+    Blocks without an allowed row are skipped.
+    """
+    for b in range(blocks_in_use(count, block_rows)):
+        start = b * block_rows
+        n = min(block_rows, count - start)
+        if allowed is None:
+            yield BlockRun(b, start, n)
+            continue
+        lo, hi = np.searchsorted(allowed, (start, start + n))
+        if hi == lo:
+            continue
+        local = allowed[lo:hi] - start
+        yield BlockRun(b, start, n, local, bool(len(local) < GATHER_FRACTION * n))

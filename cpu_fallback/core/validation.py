@@ -1,24 +1,36 @@
-"""Input checks for CpuIndex: shapes, dtypes and values, all before anything changes."""
+"""Input checks every index shares: config, options, ids, vectors, queries, k, threshold."""
 
 from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
 
-METRICS = ("dot", "cosine", "l2")
-STORAGE_DTYPES = ("float32", "float16")
+from cpu_fallback.core.contract import DTYPES, METRICS
+
+Ids = npt.NDArray[np.int64]
+Matrix = npt.NDArray[np.float32]
 
 
 def check_config(dim: int, metric: str, dtype: str) -> None:
+    """ValueError unless dim is a positive integer, metric in METRICS, dtype in DTYPES."""
     if not isinstance(dim, int | np.integer) or isinstance(dim, bool) or dim <= 0:
         raise ValueError(f"dim must be a positive integer, got {dim!r}")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if dtype not in STORAGE_DTYPES:
-        raise ValueError(f"dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
 
 
-def as_ids(ids: npt.ArrayLike, *, allow_empty: bool = False) -> npt.NDArray[np.int64]:
+def check_size(name: str, value: int | None, default: int) -> int:
+    """An engine option in rows or bytes: a positive integer, or None for ``default``."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer (or None), got {value!r}")
+    return int(value)
+
+
+def as_ids(ids: npt.ArrayLike, *, allow_empty: bool = False) -> Ids:
     """ids -> int64 (n,); non-negative (-1 is the padding id)."""
     arr = np.asarray(ids)
     if arr.ndim == 0:
@@ -39,7 +51,7 @@ def as_ids(ids: npt.ArrayLike, *, allow_empty: bool = False) -> npt.NDArray[np.i
     return out
 
 
-def as_matrix(values: npt.ArrayLike, dim: int, what: str) -> npt.NDArray[np.float32]:
+def as_matrix(values: npt.ArrayLike, dim: int, what: str) -> Matrix:
     """values -> float32 (n, dim), finite, n >= 1."""
     arr = np.asarray(values)
     if arr.dtype.kind not in "fiu" or arr.dtype.kind == "b":
@@ -56,7 +68,7 @@ def as_matrix(values: npt.ArrayLike, dim: int, what: str) -> npt.NDArray[np.floa
     return out
 
 
-def normalise_rows(matrix: npt.NDArray[np.float32], what: str) -> npt.NDArray[np.float32]:
+def normalise_rows(matrix: Matrix, what: str) -> Matrix:
     """Unit-length rows for cosine; a zero row is an error, never a NaN."""
     norms = np.sqrt(np.einsum("ij,ij->i", matrix, matrix, dtype=np.float64))
     zero = norms == 0
@@ -67,15 +79,45 @@ def normalise_rows(matrix: npt.NDArray[np.float32], what: str) -> npt.NDArray[np
 
 
 def check_k(k: int) -> int:
+    """k as an int; ValueError unless it is a non-negative integer."""
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
         raise ValueError(f"k must be a non-negative integer, got {k!r}")
     return int(k)
 
 
 def check_threshold(threshold: float | None) -> float | None:
+    """threshold as a float (None stays None); ValueError unless finite."""
     if threshold is None:
         return None
     value = float(threshold)
     if not np.isfinite(value):
         raise ValueError(f"threshold must be finite, got {threshold!r}")
     return value
+
+
+def prepare_batch(
+    ids: npt.ArrayLike, vectors: npt.ArrayLike, dim: int, metric: str, storage: np.dtype
+) -> tuple[Ids, np.ndarray]:
+    """Checked ids and vectors as stored (normalised under cosine, cast), last duplicate wins."""
+    id_array = as_ids(ids)
+    matrix = as_matrix(vectors, dim, "vectors")
+    if len(id_array) != len(matrix):
+        raise ValueError(f"got {len(id_array)} ids for {len(matrix)} vectors")
+    if metric == "cosine":
+        matrix = normalise_rows(matrix, "vectors")
+    if storage != matrix.dtype:
+        with np.errstate(over="ignore"):  # overflow is reported just below
+            matrix = matrix.astype(storage)
+        if not np.isfinite(matrix).all():
+            raise ValueError(f"vectors overflow {storage.name} (largest magnitude 65504)")
+    unique, last_reversed = np.unique(id_array[::-1], return_index=True)
+    if len(unique) == len(id_array):  # no duplicates: no copy
+        return id_array, matrix
+    last = len(id_array) - 1 - last_reversed
+    return id_array[last], matrix[last]
+
+
+def prepare_queries(queries: npt.ArrayLike, dim: int, metric: str) -> Matrix:
+    """Checked queries as float32 (q, dim), unit length under cosine."""
+    matrix = as_matrix(queries, dim, "queries")
+    return normalise_rows(matrix, "queries") if metric == "cosine" else matrix

@@ -1,0 +1,103 @@
+"""The index contract: metric and dtype names, engine sizes, and the VectorIndex base class."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Literal, get_args
+
+import numpy as np
+import numpy.typing as npt
+
+Metric = Literal["dot", "cosine", "l2"]
+StorageDtype = Literal["float32", "float16"]
+BackendName = Literal["cpu", "gpu"]
+
+METRICS: tuple[str, ...] = get_args(Metric)
+DTYPES: tuple[str, ...] = get_args(StorageDtype)
+BACKEND_NAMES: tuple[str, ...] = get_args(BackendName)
+
+FloatArray = npt.NDArray[np.float32]
+IdArray = npt.NDArray[np.int64]
+
+# Storage grows by whole blocks of about this many bytes: growth never copies the index.
+BLOCK_BYTES = 256 << 20
+# Scratch (score tiles) per search, by backend: a CPU tile stays near the cache; the GPU
+# scores as many blocks side by side as this holds.
+CPU_SCRATCH_BYTES = 16 << 20
+GPU_SCRATCH_BYTES = 1 << 30
+# Under an allow-list, a block whose allowed fraction is below this has its allowed rows
+# gathered and scored alone; at or above it, the whole block is scored and the rest masked.
+GATHER_FRACTION = 0.5
+# The engine options every backend's constructor takes as keywords (None: the default):
+# block_bytes (a block's size in bytes), block_rows (overrides block_bytes), scratch_bytes.
+ENGINE_OPTIONS = ("block_bytes", "block_rows", "scratch_bytes")
+
+
+class VectorIndex(ABC):
+    """Exact (brute-force) vector index: the interface every backend implements.
+
+    Scores: ``dot`` and ``cosine`` are similarities (higher is closer); ``l2`` is the
+    Euclidean distance (lower is closer). Results are best first, ties broken by id
+    ascending; missing slots hold id -1 and score -inf (+inf for ``l2``).
+
+    Bad input raises ``ValueError`` (wrong shape, NaN/inf, zero vector under cosine,
+    negative id, empty batch) or ``TypeError`` (non-numeric dtype), and leaves the index
+    unchanged. ``MemoryError`` means the device could not hold the data or the scratch.
+    Not thread-safe: callers serialise writes against reads.
+    """
+
+    backend: ClassVar[str]  # "cpu" or "gpu": what callers report, never guessed
+    dim: int
+    metric: str  # a Metric
+    dtype: str  # a StorageDtype
+
+    @abstractmethod
+    def add(self, ids: npt.ArrayLike, vectors: npt.ArrayLike) -> None:
+        """Upsert: ids int64 (n,), vectors float (n, dim); the last duplicate id wins."""
+
+    @abstractmethod
+    def remove(self, ids: npt.ArrayLike) -> int:
+        """Remove ids (unknown ids are ignored); returns how many were present."""
+
+    @abstractmethod
+    def search(
+        self,
+        queries: npt.ArrayLike,
+        k: int,
+        threshold: float | None = None,
+        allow: npt.ArrayLike | None = None,
+    ) -> tuple[FloatArray, IdArray]:
+        """Top-k: queries (q, dim) -> scores float32 (q, k), ids int64 (q, k).
+
+        ``threshold`` keeps only rows at least as close (score >= t, or distance <= t
+        for l2); ``allow`` restricts results to those ids (exact pre-filter).
+        """
+
+    @abstractmethod
+    def range_search(
+        self,
+        queries: npt.ArrayLike,
+        threshold: float,
+        allow: npt.ArrayLike | None = None,
+        max_results: int | None = None,
+    ) -> tuple[IdArray, FloatArray, IdArray, IdArray]:
+        """Every row at least as close as ``threshold``, per query, FAISS style.
+
+        Returns ``(lims, scores, ids, totals)``: query i's hits are
+        ``scores[lims[i]:lims[i+1]]`` and ``ids[...]``, best first, at most
+        ``max_results`` of them; ``totals[i]`` counts all matches, even past the cap.
+        """
+
+    @abstractmethod
+    def get(self, ids: npt.ArrayLike) -> FloatArray:
+        """Stored vectors (as float32, normalised under cosine) for ids; KeyError if absent."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def __contains__(self, id_: object) -> bool: ...
+
+    @abstractmethod
+    def memory_info(self) -> dict[str, Any]:
+        """Sizes in bytes and rows, the backend and the device it lives on."""
