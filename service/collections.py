@@ -16,6 +16,7 @@ import duckdb
 import numpy as np
 import numpy.typing as npt
 
+from cpu_fallback.core import last_occurrences, normalise_rows
 from service.backend import make_index, resolve_backend
 from service.catalog_values import ID_MAX, CollectionInfo, Hit, as_id_array, as_vectors
 from service.duck_values import canonical_type, check_name, first_row, map_duckdb_error
@@ -287,15 +288,15 @@ class CollectionStore:
                     raise InvalidInput(f"collection {name!r} does not keep thumbnails")
                 if len(thumbnails) != len(id_arr):
                     raise InvalidInput(f"thumbnails must be a list of {len(id_arr)} entries")
+            # The engine's own rules, so storage holds what the index holds: unit rows under
+            # cosine, and the last duplicate wins.
             if rec.metric == "cosine":
-                norms = np.linalg.norm(vec_arr.astype(np.float64), axis=1)
-                if np.any(norms == 0):
-                    raise InvalidInput("a zero vector cannot be stored under the cosine metric")
-                vec_arr = (vec_arr / norms[:, None]).astype(np.float32)
-            # Last duplicate wins, as in the index.
-            _, last_pos = np.unique(id_arr[::-1], return_index=True)
-            keep = np.sort(len(id_arr) - 1 - last_pos)
-            if len(keep) != len(id_arr):
+                try:
+                    vec_arr = normalise_rows(vec_arr, "vectors")
+                except ValueError as exc:
+                    raise InvalidInput(str(exc)) from exc
+            keep = last_occurrences(id_arr)
+            if keep is not None:
                 id_arr, vec_arr = id_arr[keep], vec_arr[keep]
                 if metadata is not None:
                     metadata = [metadata[i] for i in keep]

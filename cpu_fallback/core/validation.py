@@ -110,11 +110,19 @@ def prepare_batch(
             matrix = matrix.astype(storage)
         if not np.isfinite(matrix).all():
             raise ValueError(f"vectors overflow {storage.name} (largest magnitude 65504)")
-    unique, last_reversed = np.unique(id_array[::-1], return_index=True)
-    if len(unique) == len(id_array):  # no duplicates: no copy
+    last = last_occurrences(id_array)
+    if last is None:  # no duplicates: no copy
         return id_array, matrix
-    last = len(id_array) - 1 - last_reversed
     return id_array[last], matrix[last]
+
+
+def last_occurrences(ids: Ids) -> npt.NDArray[np.intp] | None:
+    """Positions of each id's last occurrence, in order (the last duplicate wins); None when
+    every id is distinct."""
+    unique, last_reversed = np.unique(ids[::-1], return_index=True)
+    if len(unique) == len(ids):
+        return None
+    return np.sort(len(ids) - 1 - last_reversed)
 
 
 def prepare_queries(queries: npt.ArrayLike, dim: int, metric: str) -> Matrix:
