@@ -16,19 +16,18 @@ import duckdb
 import numpy as np
 import numpy.typing as npt
 
-from cpu_fallback.core import last_occurrences, normalise_rows
 from service.backend import make_index, resolve_backend
+from service.batches import new_record, prepare_rows
 from service.catalog_values import ID_MAX, CollectionInfo, Hit, as_id_array, as_vectors
-from service.duck_values import canonical_type, check_name, first_row, map_duckdb_error
+from service.duck_values import first_row, map_duckdb_error
 from service.errors import Conflict, DotsearchError, InvalidInput, NotFound, NotReady
-from service.index_protocol import DTYPES, METRICS, VectorIndex
+from service.index_protocol import VectorIndex
 from service.limits import SqlLimits, Watch, Watchdog
 from service.snapshots import SNAPSHOT_ATTEMPTS, ReadSnapshot, ReadWriteOrder, StaleSnapshot
-from service.storage import DEFAULT_MEMORY_LIMIT, RESERVED_COLUMNS, CollectionRecord, Storage
+from service.storage import DEFAULT_MEMORY_LIMIT, CollectionRecord, Storage
 
 log = logging.getLogger(__name__)
 
-MAX_DIM = 65536
 MAX_SEARCH_HITS = 1_000_000  # query rows x results of one search (its answer's size)
 
 
@@ -209,28 +208,7 @@ class CollectionStore:
         thumbnails: bool = False,
         vector_column: str = "feature",
     ) -> CollectionInfo:
-        check_name("collection", name)
-        if name.lower().startswith("_dotsearch") or name.lower().startswith("duckdb"):
-            raise InvalidInput(f"collection name {name!r} is reserved")
-        check_name("column", vector_column)
-        if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or not 0 < dim <= MAX_DIM:
-            raise InvalidInput(f"dim must be an integer in 1..{MAX_DIM}, got {dim!r}")
-        if metric not in METRICS:
-            raise InvalidInput(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
-        if dtype not in DTYPES:
-            raise InvalidInput(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        canon: dict[str, str] = {}
-        for col, sql_type in (columns or {}).items():
-            check_name("column", col)
-            lowered = {c.lower() for c in canon}
-            if col.lower() in RESERVED_COLUMNS or col.lower() == vector_column.lower():
-                raise InvalidInput(f"column name {col!r} is reserved")
-            if col.lower() in lowered:
-                raise InvalidInput(f"column {col!r} given twice")
-            canon[col] = canonical_type(col, sql_type)
-        rec = CollectionRecord(
-            name, int(dim), metric, dtype, canon, bool(thumbnails), vector_column
-        )
+        rec = new_record(name, dim, metric, dtype, columns, thumbnails, vector_column)
         with self._order.writes:
             if any(n.lower() == name.lower() for n in self._collections):
                 raise Conflict(f"collection {name!r} already exists")
@@ -267,41 +245,8 @@ class CollectionStore:
         with self._order.writes:
             coll = self.collection(name)
             rec = coll.record
-            id_arr = as_id_array(ids)
-            if id_arr.size == 0:
-                raise InvalidInput("an upsert needs at least one vector")
-            vec_arr = as_vectors(vectors, rec.dim, len(id_arr))
-            if metadata is not None:
-                if not isinstance(metadata, Sequence) or len(metadata) != len(id_arr):
-                    raise InvalidInput(f"metadata must be a list of {len(id_arr)} objects")
-                for row in metadata:
-                    if not isinstance(row, dict):
-                        raise InvalidInput("each metadata entry must be an object")
-                    unknown = set(row) - set(rec.columns)
-                    if unknown:
-                        raise InvalidInput(
-                            f"unknown metadata columns {sorted(unknown)}; collection {name!r} "
-                            f"has {sorted(rec.columns)}"
-                        )
-            if thumbnails is not None:
-                if not rec.thumbnails:
-                    raise InvalidInput(f"collection {name!r} does not keep thumbnails")
-                if len(thumbnails) != len(id_arr):
-                    raise InvalidInput(f"thumbnails must be a list of {len(id_arr)} entries")
-            # The engine's own rules, so storage holds what the index holds: unit rows under
-            # cosine, and the last duplicate wins.
-            if rec.metric == "cosine":
-                try:
-                    vec_arr = normalise_rows(vec_arr, "vectors")
-                except ValueError as exc:
-                    raise InvalidInput(str(exc)) from exc
-            keep = last_occurrences(id_arr)
-            if keep is not None:
-                id_arr, vec_arr = id_arr[keep], vec_arr[keep]
-                if metadata is not None:
-                    metadata = [metadata[i] for i in keep]
-                if thumbnails is not None:
-                    thumbnails = [thumbnails[i] for i in keep]
+            id_arr, vec_arr, metadata, thumbnails = prepare_rows(rec, ids, vectors, metadata,
+                                                                 thumbnails)
             if not replace:
                 present = self._storage.existing_ids(self._storage.writer, name, id_arr)
                 if len(present):

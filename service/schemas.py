@@ -17,6 +17,7 @@ from pydantic import (
     model_validator,
 )
 
+from service.batches import MAX_DIM  # the bound the catalog checks
 from service.catalog_values import ID_MAX
 from service.duck_values import NAME_RE, TYPE_ALIASES
 from service.index_protocol import Metric, StorageDtype
@@ -28,7 +29,6 @@ from service.settings import Settings
 # a body with an id bound is published inline (openapi_extra), where the bound stays exact.
 MAX_K = 100_000
 MAX_OFFSET = 1_000_000_000
-MAX_DIM = 65536  # the catalog's service.collections.MAX_DIM
 FLOAT32_MAX = 3.4028234663852886e38  # larger finite JSON numbers overflow a float32 vector
 SQL_MAX_CHARS: int = Settings.model_fields["sql_max_chars"].default
 NAME_MAX = 63

@@ -250,7 +250,7 @@ def test_search_limits_at_the_edge_are_accepted(shared):
 
 
 def test_dim_limit_is_the_catalogs():
-    from service.collections import MAX_DIM as CATALOG_MAX_DIM
+    from service.batches import MAX_DIM as CATALOG_MAX_DIM
 
     assert MAX_DIM == CATALOG_MAX_DIM
 
