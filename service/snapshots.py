@@ -44,7 +44,7 @@ class ReadWriteOrder:
       is reopened after a failure (which closes every cursor).
     Every vector write commits, in DuckDB, a commit sequence number; a reader's snapshot
     reads it, and an index read goes ahead only when the indexes have applied exactly that
-    commit. Lock order: cursors, then indexes.
+    commit. Lock order: writes, then cursors, then indexes.
     """
 
     def __init__(self, storage: Storage) -> None:
@@ -95,9 +95,9 @@ class ReadWriteOrder:
             yield current
             return
         with ExitStack() as stack:
-            stack.enter_context(self.cursors.read())
-            if exclude_writers:
+            if exclude_writers:  # before the cursors: a writer may reopen storage meanwhile
                 stack.enter_context(self.writes)
+            stack.enter_context(self.cursors.read())
             cur = self.storage.reader()
             with suppress(duckdb.Error):
                 cur.execute("ROLLBACK")  # a transaction left open by an interrupted read
