@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -45,3 +46,14 @@ def wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path) -> dict[str,
             pass
         time.sleep(0.3)
     raise AssertionError(f"server not ready in 180 s:\n{log.read_text()}")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (a graceful stop), then SIGKILL if it has not exited in 60 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)

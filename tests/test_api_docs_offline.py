@@ -9,8 +9,6 @@ request to another host aborted, then checks that each page rendered every opera
 from __future__ import annotations
 
 import re
-import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
-from tests.serve_support import free_port, start_server, wait_ready
+from tests.serve_support import free_port, start_server, stop_server, wait_ready
 
 RW_KEY, RO_KEY = "docs-rw-key", "docs-ro-key"
 REPO = Path(__file__).resolve().parent.parent
@@ -150,12 +148,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, dict
         wait_ready(base, proc, log)
         yield port, httpx.get(f"{base}/openapi.json", timeout=10).json()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_server(proc)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 from service.duck_values import map_duckdb_error
 from service.errors import InvalidInput, StorageError
 from service.storage import CollectionRecord, Storage
-from tests.serve_support import free_port, start_server, wait_ready
+from tests.serve_support import free_port, start_server, stop_server, wait_ready
 
 DIM = 256  # 1 KB a vector
 LEAKS = ("Error:", "Exception", "TransactionContext", "FATAL", "Could not", ".wal", ".duckdb",
@@ -200,15 +199,6 @@ def test_paced_checkpoints_leave_the_database_running(tmp_path: Path) -> None:
 # -- a real server on a full disk --------------------------------------------------------
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-
 
 def _refused(r: httpx.Response, data: Path) -> str:
     assert r.status_code == 507, r.text
@@ -317,14 +307,14 @@ def test_server_on_a_full_disk(tmp_path: Path) -> None:
             acked.update(zip(ids, vectors(9, 32), strict=True))
             _check_reads(base, acked)
         finally:
-            _stop(proc)
+            stop_server(proc)
         proc = start_server(data, port, log)
         try:
             wait_ready(base, proc, log)
             stored = _stored_over_rest(base)
             _check_reads(base, acked)
         finally:
-            _stop(proc)
+            stop_server(proc)
     assert sorted(stored) == sorted(acked)
     assert not set(failed) & set(stored), "a refused batch was stored, in part or whole"
     for i, v in acked.items():

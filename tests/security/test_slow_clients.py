@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import select
-import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +15,7 @@ import pytest
 import uvicorn
 
 from service.http_server import http_protocol
-from tests.serve_support import free_port, start_server, wait_ready
+from tests.serve_support import free_port, start_server, stop_server, wait_ready
 
 HEADER_TIMEOUT_S = 1.0  # the real server's, through DOTSEARCH_HEADER_TIMEOUT_S in its .env
 TOY_TIMEOUT_S = 0.3  # the in-process toy servers'
@@ -117,12 +115,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]
         wait_ready(base, proc, log)
         yield base, port
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
 
 @pytest.mark.slow  # with the server's start, about 12 s
