@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from cpu_fallback.core import last_occurrences, normalise_rows
+from cpu_fallback.core import as_stored, last_occurrences, normalise_rows
 from service.catalog_values import as_id_array, as_vectors
 from service.duck_values import canonical_type, check_name
 from service.errors import InvalidInput
@@ -77,6 +77,11 @@ def prepare_rows(rec: CollectionRecord, ids: Any, vectors: Any,
             vec_arr = normalise_rows(vec_arr, "vectors")
         except ValueError as exc:
             raise InvalidInput(str(exc)) from exc
+    if rec.dtype != "float32":  # refused now, not by the index after the commit
+        try:
+            as_stored(vec_arr, np.dtype(rec.dtype))
+        except ValueError as exc:
+            raise InvalidInput(f"{exc}; collection {rec.name!r} stores {rec.dtype}") from exc
     keep = last_occurrences(id_arr)
     if keep is not None:
         id_arr, vec_arr = id_arr[keep], vec_arr[keep]

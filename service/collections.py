@@ -270,7 +270,7 @@ class CollectionStore:
                 raise map_duckdb_error(exc, f"upsert into {name!r}") from exc
             self._storage.commit()  # no lock held: searches go on meanwhile
             with self._order.applying(seq):
-                self._apply(coll, lambda: coll.index.add(id_arr, vec_arr))
+                self._apply(coll, lambda: coll.index.add(id_arr, vec_arr, prepared=True))
             with self._id_lock:
                 coll.next_id = max(coll.next_id, int(id_arr.max()) + 1)
             return len(id_arr)

@@ -380,3 +380,27 @@ def test_backends_import_only_the_core():
             allowed = ("gpu", "cpu_fallback.core")
         assert all(any(n == a or n.startswith(a + ".") for a in allowed) for n in ours), (
             path, ours)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prepared_batches_store_what_checked_batches_store(make, metric, dtype):
+    """add(prepared=True) (the catalog has applied prepare_batch's rules already) leaves the
+    index exactly as the checking add does."""
+    from cpu_fallback.core import prepare_batch
+
+    rng = np.random.default_rng(7)
+    ids = np.array([5, 9, 5, 2, 11], dtype=np.int64)
+    vectors = rng.standard_normal((5, 8)).astype(np.float32)
+    checked, prepared = make(8, metric, dtype), make(8, metric, dtype)
+    checked.add(ids, vectors)
+    ready_ids, ready = prepare_batch(ids, vectors, 8, metric, np.dtype(np.float32))
+    prepared.add(ready_ids, ready, prepared=True)
+    assert len(prepared) == len(checked) == 4
+    np.testing.assert_array_equal(prepared.get(ready_ids), checked.get(ready_ids))
+    queries = rng.standard_normal((3, 8)).astype(np.float32)
+    for a, b in zip(prepared.search(queries, 4), checked.search(queries, 4), strict=True):
+        np.testing.assert_array_equal(a, b)
+    if dtype == "float16":  # the storage cast still refuses an overflow
+        with pytest.raises(ValueError, match="overflow"):
+            prepared.add([1], np.full((1, 8), 1e6, np.float32), prepared=True)

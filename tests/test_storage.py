@@ -228,3 +228,16 @@ def test_disk_full_fails_the_write_and_reads_go_on(tmp_path: Path) -> None:
     with Catalog(tmp_path, backend="cpu") as cat:
         assert cat.get_collection("f").count == 501
         assert cat.get_vector("f", 5000)[1] == {"label": "after"}
+
+
+def test_float16_overflow_is_refused_before_anything_is_stored(tmp_path):
+    """A value beyond float16's range is refused before the commit, not by the index after
+    it (which left storage and index out of step)."""
+    with Catalog(tmp_path / "d", "cpu") as cat:
+        cat.create_collection("h", 4, "dot", "float16")
+        with pytest.raises(InvalidInput, match="overflow"):
+            cat.upsert("h", [1], [[1e6, 0, 0, 0]])
+        assert cat.get_collection("h").count == 0
+        assert cat.query("SELECT count(*) FROM h").rows == [[0]]
+        cat.upsert("h", [2], [[1, 2, 3, 4]])
+        assert cat.get_collection("h").count == 1

@@ -33,6 +33,7 @@ from cpu_fallback.core.topk import merge_top_k, sort_rows, top_k_exact
 from cpu_fallback.core.validation import (
     as_ids,
     as_matrix,
+    as_stored,
     check_config,
     check_k,
     check_size,
@@ -64,6 +65,7 @@ __all__ = [
     "VectorIndex",
     "as_ids",
     "as_matrix",
+    "as_stored",
     "blocks_in_use",
     "check_config",
     "check_k",

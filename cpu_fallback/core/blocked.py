@@ -21,6 +21,7 @@ from cpu_fallback.core.rows import (
 )
 from cpu_fallback.core.scoring import Scoring, query_sq_norms
 from cpu_fallback.core.validation import (
+    as_stored,
     check_config,
     check_k,
     check_size,
@@ -84,9 +85,15 @@ class BlockedIndex(VectorIndex):
         self._open_device()
 
     # ------------------------------------------------------------------ writes
-    def add(self, ids: npt.ArrayLike, vectors: npt.ArrayLike) -> None:
+    def add(self, ids: npt.ArrayLike, vectors: npt.ArrayLike, *, prepared: bool = False
+            ) -> None:
         """Upsert ids int64 (n,) with vectors float (n, dim); the last duplicate wins."""
-        id_array, stored = prepare_batch(ids, vectors, self.dim, self.metric, self._storage)
+        if prepared:  # checked once by the caller (see VectorIndex.add)
+            id_array = np.asarray(ids, dtype=np.int64)
+            stored = as_stored(np.asarray(vectors, dtype=np.float32), self._storage)
+        else:
+            id_array, stored = prepare_batch(ids, vectors, self.dim, self.metric,
+                                             self._storage)
         positions, new_count = self._rows.plan_upsert(id_array)
         with self._guard("adding vectors"):
             # Allocate and write first, so that an out-of-memory error changes nothing.

@@ -52,8 +52,14 @@ class VectorIndex(ABC):
     dtype: str  # a StorageDtype
 
     @abstractmethod
-    def add(self, ids: npt.ArrayLike, vectors: npt.ArrayLike) -> None:
-        """Upsert: ids int64 (n,), vectors float (n, dim); the last duplicate id wins."""
+    def add(self, ids: npt.ArrayLike, vectors: npt.ArrayLike, *, prepared: bool = False
+            ) -> None:
+        """Upsert: ids int64 (n,), vectors float (n, dim); the last duplicate id wins.
+
+        ``prepared``: the caller has already applied ``prepare_batch``'s rules (ids distinct
+        and non-negative, rows finite float32 of this dim, unit length under cosine, no
+        storage overflow), so they are not run again; only the storage cast remains.
+        """
 
     @abstractmethod
     def remove(self, ids: npt.ArrayLike) -> int:

@@ -105,15 +105,23 @@ def prepare_batch(
         raise ValueError(f"got {len(id_array)} ids for {len(matrix)} vectors")
     if metric == "cosine":
         matrix = normalise_rows(matrix, "vectors")
-    if storage != matrix.dtype:
-        with np.errstate(over="ignore"):  # overflow is reported just below
-            matrix = matrix.astype(storage)
-        if not np.isfinite(matrix).all():
-            raise ValueError(f"vectors overflow {storage.name} (largest magnitude 65504)")
+    matrix = as_stored(matrix, storage)
     last = last_occurrences(id_array)
     if last is None:  # no duplicates: no copy
         return id_array, matrix
     return id_array[last], matrix[last]
+
+
+def as_stored(matrix: Matrix, storage: np.dtype) -> np.ndarray:
+    """Rows cast to the storage dtype; ValueError when a value overflows it (float16)."""
+    if storage == matrix.dtype:
+        return matrix
+    with np.errstate(over="ignore"):  # overflow is reported just below
+        stored = matrix.astype(storage)
+    if not np.isfinite(stored).all():
+        raise ValueError(f"vectors overflow {storage.name} (largest magnitude "
+                         f"{float(np.finfo(storage).max):g})")
+    return stored
 
 
 def last_occurrences(ids: Ids) -> npt.NDArray[np.intp] | None:
