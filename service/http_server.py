@@ -41,7 +41,16 @@ class _HeadDeadline:
     _head_timer: asyncio.TimerHandle | None = None
 
     def _response_in_flight(self) -> bool:
-        raise NotImplementedError
+        cycle = getattr(self, "cycle", None)  # uvicorn's current request/response cycle
+        return cycle is not None and not cycle.response_complete
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)  # type: ignore[misc]
 
     def _arm_head_timer(self) -> None:
         """Start the clock unless it is already running for this request head."""
@@ -69,13 +78,6 @@ class _HeadDeadline:
 class H11HeadTimeoutProtocol(_HeadDeadline, H11Protocol):
     """uvicorn's h11 protocol; h11's `their_state` is IDLE exactly while a head is awaited."""
 
-    def _response_in_flight(self) -> bool:
-        return self.cycle is not None and not self.cycle.response_complete
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm_head_timer()
-
     def data_received(self, data: bytes) -> None:
         super().data_received(data)  # feeds h11 and handles every complete event
         # A head is awaited, with bytes of it in hand or not: start (or keep) the clock. A
@@ -86,10 +88,6 @@ class H11HeadTimeoutProtocol(_HeadDeadline, H11Protocol):
         else:
             self._disarm_head_timer()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_head_timer()
-        super().connection_lost(exc)
-
 
 if HttpToolsProtocol is not None:
 
@@ -97,13 +95,6 @@ if HttpToolsProtocol is not None:
         """uvicorn's httptools protocol; llhttp's callbacks say where a head ends."""
 
         _awaiting_head = True  # the next bytes belong to a request head
-
-        def _response_in_flight(self) -> bool:
-            return self.cycle is not None and not self.cycle.response_complete
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm_head_timer()
 
         def data_received(self, data: bytes) -> None:
             if self._awaiting_head:  # bytes of a head, or CRLFs that llhttp skips silently
@@ -122,10 +113,6 @@ if HttpToolsProtocol is not None:
         def on_message_complete(self) -> None:
             super().on_message_complete()
             self._awaiting_head = True  # whatever follows on this connection is a new request
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm_head_timer()
-            super().connection_lost(exc)
 
 
 def http_protocol(header_timeout_s: float,
