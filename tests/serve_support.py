@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +59,16 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=30)
+
+
+@contextmanager
+def serving(folder: Path, cwd: Path | None = None) -> Iterator[tuple[str, int]]:
+    """(base URL, port) of a `dotsearch serve` on folder/data, ready; stopped afterwards."""
+    port, log = free_port(), folder / "server.log"
+    base = f"http://127.0.0.1:{port}"
+    proc = start_server(folder / "data", port, log, cwd=cwd)
+    try:
+        wait_ready(base, proc, log)
+        yield base, port
+    finally:
+        stop_server(proc)

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
-from tests.serve_support import free_port, start_server, stop_server, wait_ready
+from tests.serve_support import serving
 
 RW_KEY, RO_KEY = "docs-rw-key", "docs-ro-key"
 REPO = Path(__file__).resolve().parent.parent
@@ -139,16 +139,8 @@ def test_only_the_listed_assets_are_served(keyed_client: TestClient) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, dict[str, Any]]]:
     """`dotsearch serve` on a free port: its port and its OpenAPI schema."""
-    folder = tmp_path_factory.mktemp("docs_server")
-    log = folder / "server.log"
-    port = free_port()
-    proc = start_server(folder / "data", port, log, cwd=REPO)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, proc, log)
+    with serving(tmp_path_factory.mktemp("docs_server"), cwd=REPO) as (base, port):
         yield port, httpx.get(f"{base}/openapi.json", timeout=10).json()
-    finally:
-        stop_server(proc)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.serve_support import free_port, start_server, stop_server, wait_ready
+from tests.serve_support import serving
 
 pytestmark = pytest.mark.slow
 
@@ -47,16 +47,8 @@ if not CHROMIUM.exists():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`dotsearch serve --weights random --backend cpu` on a free port; stopped at the end."""
-    folder = tmp_path_factory.mktemp("web_ui_server")
-    log = folder / "server.log"
-    port = free_port()
-    proc = start_server(folder / "data", port, log, cwd=REPO)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, proc, log)
+    with serving(tmp_path_factory.mktemp("web_ui_server"), cwd=REPO) as (base, _):
         yield base
-    finally:
-        stop_server(proc)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 
 from service.http_server import http_protocol
-from tests.serve_support import free_port, start_server, stop_server, wait_ready
+from tests.serve_support import free_port, serving
 
 HEADER_TIMEOUT_S = 1.0  # the real server's, through DOTSEARCH_HEADER_TIMEOUT_S in its .env
 TOY_TIMEOUT_S = 0.3  # the in-process toy servers'
@@ -108,14 +108,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]
     root = tmp_path_factory.mktemp("slow_clients")
     # start_server strips DOTSEARCH_* from the environment; Settings also reads ./.env
     (root / ".env").write_text(f"DOTSEARCH_HEADER_TIMEOUT_S={HEADER_TIMEOUT_S}\n")
-    port, log = free_port(), root / "server.log"
-    base = f"http://127.0.0.1:{port}"
-    proc = start_server(root / "data", port, log, cwd=root)
-    try:
-        wait_ready(base, proc, log)
-        yield base, port
-    finally:
-        stop_server(proc)
+    with serving(root, cwd=root) as served_at:
+        yield served_at
 
 
 @pytest.mark.slow  # with the server's start, about 12 s
