@@ -3,6 +3,7 @@ batch of rows (ids, vectors as stored, metadata, thumbnails)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,24 +18,36 @@ from service.index_protocol import DTYPES, METRICS
 from service.storage import RESERVED_COLUMNS, CollectionRecord
 
 MAX_DIM = 65536
+# A declared vector type, kept as spelled for DESCRIBE: VECTOR(4, F16), binary(4096), BLOB.
+VECTOR_TYPE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_(), ]{0,39}$")
 
 Rows = tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], Sequence[dict[str, Any]] | None,
              Sequence[bytes | None] | None]
 
 
 def new_record(name: str, dim: int, metric: str, dtype: str, columns: dict[str, str] | None,
-               thumbnails: bool, vector_column: str) -> CollectionRecord:
-    """The record of a new collection, or InvalidInput naming what is wrong."""
+               thumbnails: bool, vector_column: str, *, column_order: Sequence[str] | None = None,
+               vector_type: str | None = None, auto_increment: bool = False
+               ) -> CollectionRecord:
+    """The record of a new collection, or InvalidInput naming what is wrong. The vector
+    column's type defaults to `VECTOR(dim)` (`VECTOR(dim, F16)` for float16 storage)."""
     check_name("collection", name)
     if name.lower().startswith("_dotsearch") or name.lower().startswith("duckdb"):
         raise InvalidInput(f"collection name {name!r} is reserved")
     check_name("column", vector_column)
+    if vector_column.lower() in RESERVED_COLUMNS:
+        raise InvalidInput(f"column name {vector_column!r} is reserved")
     if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or not 0 < dim <= MAX_DIM:
         raise InvalidInput(f"dim must be an integer in 1..{MAX_DIM}, got {dim!r}")
     if metric not in METRICS:
         raise InvalidInput(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     if dtype not in DTYPES:
         raise InvalidInput(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if vector_type is None:
+        vector_type = f"VECTOR({int(dim)}, F16)" if dtype == "float16" else f"VECTOR({int(dim)})"
+    if not isinstance(vector_type, str) or not VECTOR_TYPE_RE.fullmatch(vector_type):
+        raise InvalidInput(f"vector type must be at most 40 characters of letters, digits, "
+                           f"'_(), ' starting with a letter, got {vector_type!r}")
     canon: dict[str, str] = {}
     for col, sql_type in (columns or {}).items():
         check_name("column", col)
@@ -44,8 +57,16 @@ def new_record(name: str, dim: int, metric: str, dtype: str, columns: dict[str, 
         if col.lower() in lowered:
             raise InvalidInput(f"column {col!r} given twice")
         canon[col] = canonical_type(col, sql_type)
+    order = ["id", vector_column, *canon]
+    if column_order is not None:
+        given = list(column_order) if isinstance(column_order, list | tuple) else None
+        if (given is None or not all(isinstance(c, str) for c in given)
+                or len({c.lower() for c in given}) != len(given) or set(given) != set(order)):
+            raise InvalidInput(f"column order must name {', '.join(order)} once each, got "
+                               f"{column_order!r}")
+        order = given
     return CollectionRecord(name, int(dim), metric, dtype, canon, bool(thumbnails),
-                            vector_column)
+                            vector_column, order, vector_type, bool(auto_increment))
 
 
 def prepare_rows(rec: CollectionRecord, ids: Any, vectors: Any,

@@ -13,7 +13,7 @@ from service.errors import InvalidInput
 
 @dataclass
 class CollectionInfo:
-    """A collection's schema and size."""
+    """A collection's schema and size; ``columns`` (metadata) in declared order."""
 
     name: str
     dim: int
@@ -23,6 +23,9 @@ class CollectionInfo:
     count: int
     thumbnails: bool = False
     vector_column: str = "feature"
+    column_order: list[str] = field(default_factory=list)  # id, vector, metadata, as declared
+    vector_type: str = "VECTOR"
+    auto_increment: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -19,7 +19,7 @@ import numpy.typing as npt
 from service.backend import make_index, resolve_backend
 from service.batches import new_record, prepare_rows
 from service.catalog_values import ID_MAX, CollectionInfo, Hit, as_id_array, as_vectors
-from service.duck_values import first_row, map_duckdb_error
+from service.duck_values import first_row, map_duckdb_error, quote
 from service.errors import Conflict, DotsearchError, InvalidInput, NotFound, NotReady
 from service.index_protocol import VectorIndex
 from service.limits import SqlLimits, Watch, Watchdog
@@ -165,7 +165,8 @@ class CollectionStore:
     def _info(self, coll: Collection) -> CollectionInfo:
         rec = coll.record
         return CollectionInfo(rec.name, rec.dim, rec.metric, rec.dtype, dict(rec.columns),
-                              len(coll.index), rec.thumbnails, rec.vector_column)
+                              len(coll.index), rec.thumbnails, rec.vector_column,
+                              list(rec.column_order), rec.vector_type, rec.auto_increment)
 
     def reader(self) -> duckdb.DuckDBPyConnection:
         """This thread's DuckDB cursor (use it in ``snapshot`` or ``reading``)."""
@@ -207,8 +208,15 @@ class CollectionStore:
         *,
         thumbnails: bool = False,
         vector_column: str = "feature",
+        column_order: Sequence[str] | None = None,
+        vector_type: str | None = None,
+        auto_increment: bool = False,
     ) -> CollectionInfo:
-        rec = new_record(name, dim, metric, dtype, columns, thumbnails, vector_column)
+        """A new collection; ``column_order`` (id, the vector column and the metadata
+        columns, each once) is the declared order, by default that one."""
+        rec = new_record(name, dim, metric, dtype, columns, thumbnails, vector_column,
+                         column_order=column_order, vector_type=vector_type,
+                         auto_increment=auto_increment)
         with self._order.writes:
             if any(n.lower() == name.lower() for n in self._collections):
                 raise Conflict(f"collection {name!r} already exists")
@@ -225,6 +233,99 @@ class CollectionStore:
             with self._order.applying(layout=True):
                 del self._collections[name]
             self._storage.drop_table(name)  # commits: no lock held
+
+    # -- schema changes (SQL ALTER TABLE; names exact: the SQL layer resolves case) -------
+
+    def add_column(self, name: str, column: str, sql_type: str) -> CollectionInfo:
+        """A new metadata column (NULL in every row), last in the declared order. DuckDB
+        appends it to the table, after ``_thumbnail`` if any: ``column_order`` is the order."""
+        with self._order.writes:
+            rec = self.collection(name).record
+            self._absent(rec, column)
+            columns = {**rec.columns, column: sql_type}
+            new = self._altered(rec, columns=columns, order=[*rec.column_order, column])
+            return self._alter(name, f"ADD COLUMN {quote(column)} {new.columns[column]}", new)
+
+    def drop_column(self, name: str, column: str) -> CollectionInfo:
+        """Drop a metadata column and its values."""
+        with self._order.writes:
+            rec = self.collection(name).record
+            if column == "id":
+                raise InvalidInput("the id column cannot be dropped")
+            if column == rec.vector_column:
+                raise InvalidInput(f"the vector column {column!r} cannot be dropped")
+            self._present(rec, column)
+            columns = {c: t for c, t in rec.columns.items() if c != column}
+            new = self._altered(rec, columns=columns,
+                                order=[c for c in rec.column_order if c != column])
+            return self._alter(name, f"DROP COLUMN {quote(column)}", new)
+
+    def rename_column(self, name: str, old: str, new: str) -> CollectionInfo:
+        """Rename a metadata column or the vector column; it keeps its place."""
+        with self._order.writes:
+            rec = self.collection(name).record
+            if old == "id":
+                raise InvalidInput("the id column cannot be renamed")
+            self._present(rec, old)
+            if not (isinstance(new, str) and new != old and new.lower() == old.lower()):
+                self._absent(rec, new)  # a change of case alone clashes with nothing
+            columns = {new if c == old else c: t for c, t in rec.columns.items()}
+            vector = new if old == rec.vector_column else rec.vector_column
+            altered = self._altered(rec, columns=columns, vector_column=vector,
+                                    order=[new if c == old else c for c in rec.column_order])
+            return self._alter(name, f"RENAME COLUMN {quote(old)} TO {quote(new)}", altered)
+
+    def rename_collection(self, old: str, new: str) -> CollectionInfo:
+        """Rename a collection; its index stays as it is (nothing is reloaded)."""
+        with self._order.writes:
+            renamed = self._altered(self.collection(old).record, name=new)
+            if new == old or any(n.lower() == new.lower() for n in self._collections
+                                 if n != old):
+                raise Conflict(f"collection {new!r} already exists")
+            return self._alter(old, f"RENAME TO {quote(new)}", renamed)
+
+    @staticmethod
+    def _present(rec: CollectionRecord, column: str) -> None:
+        if column not in rec.column_order:
+            raise NotFound(f"collection {rec.name!r} has no column {column!r} (it has "
+                           f"{', '.join(rec.column_order)})")
+
+    @staticmethod
+    def _absent(rec: CollectionRecord, column: str) -> None:
+        lowered = {c.lower(): c for c in rec.column_order}
+        if isinstance(column, str) and column.lower() in lowered:
+            raise Conflict(f"collection {rec.name!r} already has a column "
+                           f"{lowered[column.lower()]!r}")
+
+    @staticmethod
+    def _altered(rec: CollectionRecord, *, name: str | None = None,
+                 columns: dict[str, str] | None = None, vector_column: str | None = None,
+                 order: list[str] | None = None) -> CollectionRecord:
+        """``rec`` changed, checked by the rules of a new collection."""
+        return new_record(rec.name if name is None else name, rec.dim, rec.metric, rec.dtype,
+                          rec.columns if columns is None else columns, rec.thumbnails,
+                          rec.vector_column if vector_column is None else vector_column,
+                          column_order=rec.column_order if order is None else order,
+                          vector_type=rec.vector_type, auto_increment=rec.auto_increment)
+
+    def _alter(self, name: str, change: str, rec: CollectionRecord) -> CollectionInfo:
+        """``ALTER TABLE name change`` and the new record in one transaction. Its commit and
+        the swap of the in-memory record happen as one step for readers (under the exclusive
+        index lock), so none sees a record that does not match the table; a failed commit is
+        handled (storage may be reopened) once that lock is let go. Call holding ``writes``."""
+        coll = self.collection(name)
+        self._storage.stage_alter(name, change, rec)
+        with self._order.applying(layout=True):
+            failure = self._storage.try_commit()
+            if failure is None:
+                coll.record = rec
+                if rec.name != name:
+                    del self._collections[name]
+                    self._collections[rec.name] = coll
+        if failure is not None:
+            raise self._storage.failed(failure, f"altering {name!r} was not stored") from failure
+        log.info("altered collection %s: %s", name, change)
+        return self.get_collection(rec.name)
 
     # -- writes ------------------------------------------------------------------------
 
@@ -328,8 +429,6 @@ class CollectionStore:
 
     def get_vector(self, name: str, id: int) -> tuple[npt.NDArray[np.float32], dict[str, Any]]:
         """The stored vector (float32, as written; unit length under cosine) and metadata."""
-        from service.duck_values import quote
-
         key = int(as_id_array([id])[0])
         with self.reading():
             rec = self.collection(name).record
@@ -344,7 +443,7 @@ class CollectionStore:
         return np.frombuffer(row[0], dtype="<f4").astype(np.float32), meta
 
     def get_thumbnail(self, name: str, id: int) -> bytes | None:
-        from service.duck_values import THUMBNAIL_COLUMN, quote
+        from service.duck_values import THUMBNAIL_COLUMN
 
         key = int(as_id_array([id])[0])
         with self.reading():
@@ -404,6 +503,7 @@ class CollectionStore:
             with self.watchdog.watch(self.sql_limits, self.reader()):
                 allow = allow_fn()
         with self.index_access(snap):
+            rec = coll.record  # as of the snapshot (an ALTER swaps it under the index lock)
             rows = len(coll.index) if allow is None else min(len(allow), len(coll.index))
             if rows == 0 or offset >= rows:
                 return [[] for _ in range(q.shape[0])]
@@ -419,10 +519,9 @@ class CollectionStore:
                 raise InvalidInput(str(exc)) from exc
         ids, scores = ids[:, offset:], scores[:, offset:]
         meta: dict[int, dict[str, Any]] = {}
-        if coll.record.columns and snap is not None:
+        if rec.columns and snap is not None:
             found = np.unique(ids[ids >= 0])
-            meta = self._storage.fetch_rows(snap.cursor, coll.record.name, found,
-                                            coll.record.columns)
+            meta = self._storage.fetch_rows(snap.cursor, rec.name, found, rec.columns)
         return [[Hit(int(i), float(s), meta.get(int(i), {}))
                  for i, s in zip(row_ids, row_scores, strict=True) if i >= 0]
                 for row_ids, row_scores in zip(ids, scores, strict=True)]
@@ -434,8 +533,6 @@ class CollectionStore:
         """``UPDATE name SET <set_sql> WHERE id IN ids`` in one transaction; how many rows
         changed. Metadata only: no index changes, so readers are never excluded (DuckDB
         commits it atomically). Call inside ``write_order``."""
-        from service.duck_values import quote
-
         with self._order.writes:
             self.collection(name)
             writer = self._storage.writer

@@ -171,9 +171,15 @@ class CollectionOut(BaseModel):
     dim: int
     metric: str
     dtype: str
-    columns: dict[str, str]
+    columns: dict[str, str] = Field(description="metadata columns, in declared order")
     count: int
     thumbnails: bool = False
+    column_order: list[str] = Field(
+        default_factory=list, description="every column in declared order: id, the vector "
+        "column, the metadata columns")
+    vector_type: str = Field(default="VECTOR", description="the vector column's declared type")
+    auto_increment: bool = Field(default=False,
+                                 description="the id column was declared AUTO_INCREMENT")
 
 
 class CollectionList(BaseModel):

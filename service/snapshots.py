@@ -101,10 +101,12 @@ class ReadWriteOrder:
             cur = self.storage.reader()
             with suppress(duckdb.Error):
                 cur.execute("ROLLBACK")  # a transaction left open by an interrupted read
+            # The layout is read before the snapshot is fixed: a create, drop or ALTER that
+            # commits in between then shows as a layout change (a retry), never goes unseen.
+            layout = self.layout
             cur.execute("BEGIN TRANSACTION")
             # The first read fixes the snapshot; it reads the commit sequence it holds.
-            snap = ReadSnapshot(cur, self.storage.read_commit_seq(cur), self.layout,
-                                exclude_writers)
+            snap = ReadSnapshot(cur, self.storage.read_commit_seq(cur), layout, exclude_writers)
             self._local.snapshot = snap
             try:
                 yield snap

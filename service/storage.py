@@ -36,7 +36,7 @@ from service.errors import DotsearchError, SchemaVersionError, StorageError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_FILENAME = "dotsearch.duckdb"
 META_TABLE = "_dotsearch_meta"
 COLLECTIONS_TABLE = "_dotsearch_collections"
@@ -52,6 +52,11 @@ POINT_LOOKUP_MAX = 1024
 # checkpoints pause while the disk lacks room for one: 2x WAL and staged batch + headroom.
 CHECKPOINT_HEADROOM = 64 << 20
 CHECKPOINT_PAUSED = "1000000GB"
+# The catalog table's columns, in order (version 1 had the first seven).
+RECORD_FIELDS = ("name", "dim", "metric", "dtype", "columns", "thumbnails", "vector_column",
+                 "column_order", "vector_type", "auto_increment")
+# What version 2 added to the catalog table (a version-1 directory gains them at open).
+V2_COLUMNS = ("column_order VARCHAR", "vector_type VARCHAR", "auto_increment BOOLEAN")
 
 
 @dataclass
@@ -65,6 +70,18 @@ class CollectionRecord:
     columns: dict[str, str] = field(default_factory=dict)
     thumbnails: bool = False
     vector_column: str = "feature"
+    # Every user-visible column in declared order: "id", the vector column, the metadata.
+    column_order: list[str] = field(default_factory=list)
+    vector_type: str = "VECTOR"  # the vector column's type as declared (for DESCRIBE)
+    auto_increment: bool = False  # the id column was declared AUTO_INCREMENT
+
+    def __post_init__(self) -> None:
+        if not self.column_order:
+            self.column_order = ["id", self.vector_column, *self.columns]
+        # ``columns`` iterates in declared order too (any it does not name keep theirs, last).
+        order = [c for c in self.column_order if c in self.columns]
+        order += [c for c in self.columns if c not in order]
+        self.columns = {c: self.columns[c] for c in order}
 
 
 class Storage:
@@ -110,7 +127,11 @@ class Storage:
         self._cursors_lock = threading.Lock()
         self._register_counter = 0
         self._connect()
-        self._init_schema()
+        try:
+            self._init_schema()
+        except BaseException:
+            self.close()  # a refused or failed open leaves the directory free for the next
+            raise
 
     def _connect(self) -> None:
         self._config["checkpoint_threshold"] = (
@@ -207,7 +228,7 @@ class Storage:
             cur.execute(f"CREATE TABLE {META_TABLE} (key VARCHAR PRIMARY KEY, value VARCHAR)")
             cur.execute(f"CREATE TABLE {COLLECTIONS_TABLE} (name VARCHAR PRIMARY KEY, "
                         "dim INTEGER, metric VARCHAR, dtype VARCHAR, columns VARCHAR, "
-                        "thumbnails BOOLEAN, vector_column VARCHAR)")
+                        f"thumbnails BOOLEAN, vector_column VARCHAR, {', '.join(V2_COLUMNS)})")
             cur.execute(f"INSERT INTO {META_TABLE} VALUES ('schema_version', $v)",
                         {"v": str(SCHEMA_VERSION)})
             cur.execute("COMMIT")
@@ -215,11 +236,41 @@ class Storage:
         row = first_row(cur.execute(f"SELECT value FROM {META_TABLE} "
                                     "WHERE key = 'schema_version'"))
         found = row[0] if row else None
-        if found != str(SCHEMA_VERSION):
+        if found == "1":
+            self._migrate_v1()
+        elif found != str(SCHEMA_VERSION):
             raise SchemaVersionError(
                 f"{self.path} has storage schema version {found!r}, but this dotsearch reads "
                 f"version {SCHEMA_VERSION}; use a matching dotsearch release or a new data "
                 "directory")
+
+    def _migrate_v1(self) -> None:
+        """Version 1 -> 2, in place, in one transaction (a failure leaves version 1): the
+        catalog table learns each collection's declared column order (version 1 created
+        id, the vector, then the metadata columns in their stored order), vector type and
+        AUTO_INCREMENT."""
+        cur = self.writer
+        try:
+            cur.execute("BEGIN")
+            for column in V2_COLUMNS:
+                cur.execute(f"ALTER TABLE {COLLECTIONS_TABLE} ADD COLUMN {column}")
+            rows = cur.execute(f"SELECT name, dim, dtype, columns, vector_column "
+                               f"FROM {COLLECTIONS_TABLE}").fetchall()
+            for name, dim, dtype, columns, vector_column in rows:
+                order = ["id", vector_column, *json.loads(columns)]
+                f16 = ", F16" if dtype == "float16" else ""
+                cur.execute(f"UPDATE {COLLECTIONS_TABLE} SET column_order = $o, "
+                            "vector_type = $t, auto_increment = false WHERE name = $n",
+                            {"o": json.dumps(order), "t": f"VECTOR({int(dim)}{f16})", "n": name})
+            cur.execute(f"UPDATE {META_TABLE} SET value = '2' WHERE key = 'schema_version'")
+            cur.execute("COMMIT")
+        except (duckdb.Error, ValueError, TypeError) as exc:
+            self.rollback()
+            raise StorageError(
+                f"could not migrate {self.path} from storage schema version 1 to 2 (it is "
+                f"left at version 1): {str(exc).splitlines()[0]}") from exc
+        log.info("migrated %s from storage schema version 1 to 2 (%d collections)",
+                 self.path, len(rows))
 
     # The commit sequence: one number in the meta table, bumped inside every transaction
     # that changes vectors, so a reader's snapshot says which writes it holds.
@@ -235,24 +286,22 @@ class Storage:
                             {"s": str(int(seq))})
 
     def load_records(self) -> list[CollectionRecord]:
-        rows = self.writer.execute(f"SELECT name, dim, metric, dtype, columns, thumbnails, "
-                                   f"vector_column FROM {COLLECTIONS_TABLE} ORDER BY name"
-                                   ).fetchall()
-        return [CollectionRecord(r[0], int(r[1]), r[2], r[3], json.loads(r[4]), bool(r[5]), r[6])
-                for r in rows]
+        rows = self.writer.execute(f"SELECT {', '.join(RECORD_FIELDS)} FROM "
+                                   f"{COLLECTIONS_TABLE} ORDER BY name").fetchall()
+        return [CollectionRecord(r[0], int(r[1]), r[2], r[3], json.loads(r[4]), bool(r[5]), r[6],
+                                 json.loads(r[7]), r[8], bool(r[9])) for r in rows]
 
     def create_table(self, rec: CollectionRecord) -> None:
-        cols = ["id BIGINT PRIMARY KEY", f"{quote(rec.vector_column)} BLOB NOT NULL"]
-        cols += [f"{quote(c)} {t}" for c, t in rec.columns.items()]
+        """The collection's table, its columns in declared order (thumbnails last)."""
+        cols = [("id BIGINT PRIMARY KEY" if c == "id"
+                 else f"{quote(c)} BLOB NOT NULL" if c == rec.vector_column
+                 else f"{quote(c)} {rec.columns[c]}") for c in rec.column_order]
         if rec.thumbnails:
             cols.append(f"{THUMBNAIL_COLUMN} BLOB")
-        values = {"n": rec.name, "d": rec.dim, "m": rec.metric, "t": rec.dtype,
-                  "c": json.dumps(rec.columns), "th": rec.thumbnails, "v": rec.vector_column}
         self.begin()
         try:
             self.writer.execute(f"CREATE TABLE {quote(rec.name)} ({', '.join(cols)})")
-            self.writer.execute(
-                f"INSERT INTO {COLLECTIONS_TABLE} VALUES ($n, $d, $m, $t, $c, $th, $v)", values)
+            self._put_record(rec)
         except duckdb.Error as exc:
             raise self._failed(exc, f"create table {rec.name!r} failed") from exc
         self.commit()
@@ -266,6 +315,25 @@ class Storage:
             raise self._failed(exc, f"drop table {name!r} failed") from exc
         self.commit()
 
+    def stage_alter(self, name: str, change: str, rec: CollectionRecord) -> None:
+        """Open a transaction that runs ``ALTER TABLE <name> <change>`` and stores ``rec``
+        as the record of ``name`` (renamed, if ``rec.name`` differs); the caller commits
+        it with ``try_commit``."""
+        self.begin()
+        try:
+            self.writer.execute(f"ALTER TABLE {quote(name)} {change}")
+            self.writer.execute(f"DELETE FROM {COLLECTIONS_TABLE} WHERE name = $n", {"n": name})
+            self._put_record(rec)
+        except duckdb.Error as exc:
+            raise self._failed(exc, f"altering table {name!r} failed") from exc
+
+    def _put_record(self, rec: CollectionRecord) -> None:
+        values = [rec.name, rec.dim, rec.metric, rec.dtype, json.dumps(rec.columns),
+                  rec.thumbnails, rec.vector_column, json.dumps(rec.column_order),
+                  rec.vector_type, rec.auto_increment]
+        self.writer.execute(f"INSERT INTO {COLLECTIONS_TABLE} ({', '.join(RECORD_FIELDS)}) "
+                            f"VALUES ({', '.join('?' * len(values))})", values)
+
     # -- writes (caller holds the writer mutex; BEGIN here, COMMIT by commit()) ----------
 
     def begin(self) -> None:
@@ -278,11 +346,23 @@ class Storage:
     def commit(self) -> None:
         """COMMIT the open transaction, or StorageError (rolled back). Should the commit stop
         DuckDB, the database is reopened here (inside the reopen guard)."""
+        failure = self.try_commit()
+        if failure is not None:
+            raise self.failed(failure, "the write was not stored") from failure
+
+    def try_commit(self) -> duckdb.Error | None:
+        """COMMIT the open transaction; DuckDB's error, if it failed, for ``failed`` (which
+        may reopen the database: call it holding no lock that readers wait on)."""
         self._pace_checkpoints()
         try:
             self.writer.execute("COMMIT")
         except duckdb.Error as exc:
-            raise self._failed(exc, "the write was not stored") from exc
+            return exc
+        return None
+
+    def failed(self, exc: duckdb.Error, lead: str) -> DotsearchError:
+        """A failed commit, rolled back, in our words (see ``_failed``)."""
+        return self._failed(exc, lead)
 
     def _pace_checkpoints(self) -> None:
         """Pause DuckDB's automatic checkpoints while the disk lacks room for one."""

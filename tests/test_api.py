@@ -48,7 +48,9 @@ def test_collection_lifecycle(client):
     r = client.post("/v1/collections", json={"name": "c", "dim": 3, "metric": "dot",
                                              "columns": {"label": "VARCHAR"}})
     assert r.json() == {"name": "c", "dim": 3, "metric": "dot", "dtype": "float32",
-                        "columns": {"label": "VARCHAR"}, "count": 0, "thumbnails": False}
+                        "columns": {"label": "VARCHAR"}, "count": 0, "thumbnails": False,
+                        "column_order": ["id", "feature", "label"], "vector_type": "VECTOR(3)",
+                        "auto_increment": False}
     assert [c["name"] for c in client.get("/v1/collections").json()["collections"]] == ["c"]
     assert client.get("/v1/collections/c").json()["dim"] == 3
     assert error_of(client.post("/v1/collections", json={"name": "c", "dim": 3}), 409)

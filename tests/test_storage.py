@@ -19,7 +19,7 @@ from service.errors import (
     SchemaVersionError,
     StorageError,
 )
-from service.storage import DB_FILENAME, META_TABLE
+from service.storage import DB_FILENAME, META_TABLE, SCHEMA_VERSION
 
 D = 8
 
@@ -140,12 +140,22 @@ def test_float16_and_cosine_collections_reload(tmp_path: Path) -> None:
             assert [[h.id for h in r] for r in b] == [[h.id for h in r] for r in a]
 
 
-def test_schema_version_mismatch_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("stored", "shown"), [("999", "'999'"), ("3", "'3'"), ("x", "'x'"),
+                                               (None, "None")])
+def test_schema_version_mismatch_is_refused(tmp_path: Path, stored: str | None,
+                                            shown: str) -> None:
     Catalog(tmp_path, backend="cpu").close()
     con = duckdb.connect(str(tmp_path / DB_FILENAME))
-    con.execute(f"UPDATE {META_TABLE} SET value = '999' WHERE key = 'schema_version'")
+    if stored is None:
+        con.execute(f"DELETE FROM {META_TABLE} WHERE key = 'schema_version'")
+    else:
+        con.execute(f"UPDATE {META_TABLE} SET value = $v WHERE key = 'schema_version'",
+                    {"v": stored})
     con.close()
-    with pytest.raises(SchemaVersionError, match=r"schema version '999'.*reads version 1"):
+    with pytest.raises(SchemaVersionError,
+                       match=rf"schema version {shown}.*reads version {SCHEMA_VERSION}"):
+        Catalog(tmp_path, backend="cpu")
+    with pytest.raises(SchemaVersionError):  # the refused open let the directory go
         Catalog(tmp_path, backend="cpu")
 
 

@@ -21,7 +21,8 @@ router = APIRouter(prefix="/v1/collections", tags=["collections"], responses=ERR
 def collection_out(info: Any) -> CollectionOut:
     return CollectionOut(name=info.name, dim=info.dim, metric=info.metric, dtype=info.dtype,
                          columns=dict(info.columns), count=info.count,
-                         thumbnails=bool(getattr(info, "thumbnails", False)))
+                         thumbnails=info.thumbnails, column_order=list(info.column_order),
+                         vector_type=info.vector_type, auto_increment=info.auto_increment)
 
 
 @router.get("", dependencies=READ)
