@@ -30,12 +30,19 @@ TYPE_ALIASES: dict[str, str] = {
     "INT": "BIGINT",
     "INTEGER": "BIGINT",
     "INT64": "BIGINT",
+    "TINYINT": "BIGINT",
+    "SMALLINT": "BIGINT",
+    "MEDIUMINT": "BIGINT",
     "DOUBLE": "DOUBLE",
     "FLOAT": "DOUBLE",
     "REAL": "DOUBLE",
     "VARCHAR": "VARCHAR",
     "TEXT": "VARCHAR",
     "STRING": "VARCHAR",
+    "CHAR": "VARCHAR",
+    "TINYTEXT": "VARCHAR",
+    "MEDIUMTEXT": "VARCHAR",
+    "LONGTEXT": "VARCHAR",
     "BOOLEAN": "BOOLEAN",
     "BOOL": "BOOLEAN",
     "TIMESTAMP": "TIMESTAMP",
@@ -171,7 +178,7 @@ def map_duckdb_error(exc: Exception, what: str) -> DotsearchError:
             return StorageError(f"{head}: {_and_stopped(found[0])}; restart the server once "
                                 f"{found[1]}")
         return StorageError(f"{head}: {found[0]}; writes work again once {found[1]}")
-    message = str(exc).split("\n\nLINE", 1)[0].split("\nLINE", 1)[0].strip()
+    message = in_our_words(str(exc))
     if isinstance(exc, duckdb.ConstraintException):
         return Conflict(f"{what}: {message}")
     if isinstance(exc, duckdb.ConversionException | duckdb.InvalidInputException):
@@ -180,6 +187,49 @@ def map_duckdb_error(exc: Exception, what: str) -> DotsearchError:
         return StorageError(f"{what}: the database engine ran out of its memory budget "
                             "(DOTSEARCH_DUCKDB_MEMORY_LIMIT)")
     return QueryError(f"{what}: {message}")
+
+
+# DuckDB's error class names ("Binder Error: "), and its hints that name its own functions.
+DUCKDB_ERROR_CLASS = re.compile(r"^(?:[A-Z][A-Za-z]*(?: [A-Za-z]+)* )?Error: ")
+DUCKDB_HINTS = ("Did you mean", "Candidate bindings", "Candidate functions",
+                "You might need", "In order to select one")
+# DuckDB's phrasing -> ours.
+DUCKDB_PHRASES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r'Referenced column "?([^"!]+)"? not found in FROM clause!?'),
+     r'unknown column "\1"'),
+    (re.compile(r'Referenced table "?([^"!]+)"? not found!?'), r'unknown table "\1"'),
+    (re.compile(r"(?:Scalar |Aggregate |Table )?Function with name \"?(\w+)\"? does not exist!?"),
+     r'unknown function "\1"'),
+    (re.compile(r"Type with name \"?(\w+)\"? does not exist!?"), r'unknown type "\1"'),
+    (re.compile(r"Table with name \"?(\w+)\"? does not exist!?"), r'unknown table "\1"'),
+    (re.compile(r"No function matches the given name and argument types '([^']*)'\.?"),
+     r"no function matches \1"),
+    (re.compile(r'Could not choose a best candidate function for the function call "([^"]*)"\.?'),
+     r"no function or operator matches \1"),
+    (re.compile(r"Python exception occurred while executing the UDF: (?:\w+: )?"), ""),
+    (re.compile(r"_LITERAL\b"), ""),
+    (re.compile(r"\b__[a-z]+\."), ""),  # the planner's internal table aliases
+)
+# The UDFs behind the vector functions, by the names users wrote.
+UDF_SQL_NAMES = {"ds_dot_product": "DOT_PRODUCT", "ds_euclidean_distance": "EUCLIDEAN_DISTANCE",
+                 "ds_cosine_similarity": "COSINE_SIMILARITY",
+                 "ds_cosine_distance": "COSINE_DISTANCE",
+                 "ds_json_array_unpack": "JSON_ARRAY_UNPACK",
+                 "ds_json_array_pack": "JSON_ARRAY_PACK"}
+
+
+def in_our_words(message: str) -> str:
+    """A DuckDB error message without DuckDB's error class, its SQL echo, or hints that
+    suggest its own types and functions; the first line only."""
+    text = message.split("\nLINE", 1)[0].strip()
+    text = DUCKDB_ERROR_CLASS.sub("", text.splitlines()[0] if text else "", count=1)
+    for hint in DUCKDB_HINTS:
+        text = text.split(hint, 1)[0]
+    for pattern, replacement in DUCKDB_PHRASES:
+        text = pattern.sub(replacement, text)
+    for udf, name in UDF_SQL_NAMES.items():
+        text = text.replace(udf, name)
+    return text.strip().rstrip("!").strip() or "the statement failed"
 
 
 def write_failure(exc: Exception, lead: str, *, reopened: bool | None) -> DotsearchError:

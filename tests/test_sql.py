@@ -325,7 +325,7 @@ def test_ddl_dml_roundtrip(tmp_path: Path) -> None:
         assert cat.query("SELECT id FROM imgs ORDER BY id").rows == [[2], [3]]
         assert cat.query("SHOW TABLES").rows == [["imgs"]]
         desc = cat.query("DESCRIBE imgs").rows
-        assert desc[1] == ["feature", "VECTOR(3, F16)", ""]
+        assert desc[1] == ["feature", "VECTOR(3, F16)", "NO", "", None, ""]
         with pytest.raises(QueryError, match="metadata columns only"):
             cat.query("UPDATE imgs SET feature = '[1,2,3]'")
         # A script runs in order and answers with its last statement.
@@ -378,6 +378,6 @@ def test_table_and_column_names_are_case_insensitive(tmp_path: Path) -> None:
         cat.query("UPDATE PHOTOS SET LABEL = 'b' WHERE id = 1")
         res = cat.query("SELECT id, label FROM PHOTOS ORDER BY feature <*> '[1, 0]' DESC LIMIT 1")
         assert res.rows == [[1, "b"]]
-        assert cat.query("DESCRIBE photos").rows[0] == ["id", "BIGINT", "PRI"]
+        assert cat.query("DESCRIBE photos").rows[0] == ["id", "BIGINT", "NO", "PRI", None, ""]
         cat.query("DROP TABLE photos")
         assert cat.list_collections() == []

@@ -266,6 +266,15 @@ def test_page_end_to_end(server: str, browser: Any, photo_files: dict[str, Path]
     sync_api.expect(page.locator("#sql-plan")).to_contain_text(f"collection {COLLECTION}")
     sync_api.expect(page.locator("#sql-table-wrap")).to_be_hidden()
     shot("sql_explain", page.locator("#sql"))
+    # SingleStore's forms in the console: a user variable, an alias in WHERE (a range
+    # search), and a VECTOR column projected as a JSON array.
+    page.fill("#sql-input", f"SET @q = (SELECT feature FROM {COLLECTION} WHERE id = "
+                            f"{ids['coffee']}); SELECT id, feature, feature <*> @q AS score "
+                            f"FROM {COLLECTION} WHERE score > 0.999 ORDER BY score DESC")
+    page.click("#sql-run")
+    sync_api.expect(page.locator("#sql-status")).to_contain_text("1 row in")
+    cells = rows.first.locator("td").all_inner_texts()
+    assert cells[0] == str(ids["coffee"]) and cells[1].startswith("[") and "…" in cells[1]
 
     # A big answer is counted in full but only its first 1000 rows are drawn.
     n = len(STORED) + 1

@@ -22,11 +22,23 @@ WRITE_NODES: tuple[type[exp.Expr], ...] = tuple(
 
 def statement_access(stmt: exp.Expr) -> Access:
     """"read" when the statement only reads, else "write" (decided on the whole tree)."""
-    if not isinstance(stmt, READ_ROOTS):
-        return "write"
-    if any(isinstance(node, WRITE_NODES) for node in stmt.walk()):
+    if _sets_user_variables(stmt):
+        values = [item.this.expression for item in stmt.expressions]
+        return "write" if any(_has_write(v) for v in values) else "read"
+    if not isinstance(stmt, READ_ROOTS) or _has_write(stmt):
         return "write"
     return "read"
+
+
+def _has_write(tree: exp.Expr) -> bool:
+    return any(isinstance(node, WRITE_NODES) for node in tree.walk())
+
+
+def _sets_user_variables(stmt: exp.Expr) -> bool:
+    """`SET @a = expr, ...`: request-local user variables (changing nothing stored)."""
+    return isinstance(stmt, exp.Set) and bool(stmt.expressions) and all(
+        isinstance(item, exp.SetItem) and isinstance(item.this, exp.EQ)
+        and type(item.this.this) is exp.Parameter for item in stmt.expressions)
 
 
 def authorize_script(statements: list[exp.Expr], granted: Access) -> None:
@@ -38,4 +50,4 @@ def authorize_script(statements: list[exp.Expr], granted: Access) -> None:
             kind = type(stmt).__name__.upper()
             raise Forbidden(
                 f"statement {number} ({kind}) is not a read; the read-only API key may run "
-                "only SELECT, SHOW, DESCRIBE and EXPLAIN of a SELECT")
+                "only SELECT, SHOW, DESCRIBE, EXPLAIN of a SELECT and SET @variable")

@@ -1,128 +1,191 @@
-"""DDL and DML: CREATE/DROP TABLE, SHOW TABLES, DESCRIBE, INSERT/REPLACE, UPDATE, DELETE."""
+"""DDL: CREATE TABLE (SingleStore's and MemSQL's forms), ALTER TABLE, RENAME TABLE, DROP
+TABLE, SHOW TABLES and DESCRIBE."""
 
 from __future__ import annotations
 
-import json
-import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from sqlglot import exp
 
 from service.catalog_values import QueryResult
-from service.duck_values import first_row, quote
-from service.errors import InvalidInput, QueryError
+from service.errors import DotsearchError, InvalidInput
 from service.index_protocol import METRICS
-from service.limits import Watch
-from service.sql.dialect import error_at, parse_script, to_duckdb
-from service.sql.vectors import Context, as_float32, bind_parameters, eval_vector
+from service.sql.casts import vector_dim, vector_type
+from service.sql.dialect import error_at
 
 if TYPE_CHECKING:
     from service.collections import CollectionStore
+    from service.storage import CollectionRecord
+
+BINARY_TYPES = (exp.DType.BINARY, exp.DType.VARBINARY, exp.DType.BLOB, exp.DType.TINYBLOB,
+                exp.DType.MEDIUMBLOB, exp.DType.LONGBLOB)
+# Column attributes accepted and what they mean here (the README lists them).
+NO_OP_ATTRIBUTES = (exp.NotNullColumnConstraint, exp.CommentColumnConstraint,
+                    exp.CollateColumnConstraint, exp.CharacterSetColumnConstraint)
+ID_ATTRIBUTES = (exp.AutoIncrementColumnConstraint, exp.PrimaryKeyColumnConstraint)
+SUPPORTED = ("SELECT, EXPLAIN, SET @var, CREATE TABLE, ALTER TABLE, RENAME TABLE, DROP TABLE, "
+             "SHOW TABLES, DESCRIBE, INSERT, REPLACE, UPDATE, DELETE")
 
 
-def _result(columns: list[str], types: list[str], rows: list[list[Any]]) -> QueryResult:
-    return QueryResult(columns, types, rows)
+def _affected(n: int = 0) -> QueryResult:
+    return QueryResult(["rows_affected"], ["BIGINT"], [[int(n)]])
 
 
-def _affected(n: int) -> QueryResult:
-    return _result(["rows_affected"], ["BIGINT"], [[int(n)]])
-
-
-def reparse_replace(stmt: exp.Command) -> exp.Expr:
-    """`REPLACE INTO ...` (SingleStore upsert) parsed as an INSERT marked replace."""
-    rest = stmt.expression
-    text = "INSERT " + (rest.name if isinstance(rest, exp.Expr) else str(rest or ""))
-    parsed = parse_script(text)
-    if len(parsed) != 1 or not isinstance(parsed[0], exp.Insert):
-        raise error_at("REPLACE must be REPLACE INTO table [(columns)] VALUES (...)", stmt)
-    parsed[0].meta["replace"] = True
-    return parsed[0]
-
-
-def execute_other(catalog: CollectionStore, stmt: exp.Expr, params: Any, positional: list[int],
-                  watch: Watch | None = None) -> Any:
-    from service.sql.executor import check_statement
-
+def execute_ddl(catalog: CollectionStore, stmt: exp.Expr) -> QueryResult:
     if isinstance(stmt, exp.Create):
         return create_table(catalog, stmt)
     if isinstance(stmt, exp.Drop):
         return drop_table(catalog, stmt)
+    if isinstance(stmt, exp.Alter):
+        return alter_table(catalog, stmt)
     if isinstance(stmt, exp.Show):
         if str(stmt.name).upper() != "TABLES":
             raise error_at("only SHOW TABLES is supported", stmt)
         names = [[info.name] for info in catalog.list_collections()]
-        return _result(["table"], ["VARCHAR"], names)
+        return QueryResult(["table"], ["VARCHAR"], names)
     if isinstance(stmt, exp.Describe) and isinstance(stmt.this, exp.Table):
         return describe(catalog, stmt.this)
-    if isinstance(stmt, exp.Insert | exp.Update | exp.Delete):
-        check_statement(stmt, catalog)
-        with catalog.write_order():
-            ctx = Context(catalog, catalog.reader(), watch=watch)
-            from service.sql.executor import run_subquery
-
-            ctx.run_subquery = run_subquery
-            try:
-                bind_parameters(stmt, params, ctx, positional)
-                if isinstance(stmt, exp.Insert):
-                    return insert(catalog, stmt, ctx)
-                if isinstance(stmt, exp.Delete):
-                    return delete(catalog, stmt, ctx)
-                return update(catalog, stmt, ctx)
-            finally:
-                ctx.cleanup()
-    raise error_at(
-        f"unsupported statement {type(stmt).__name__.upper()}; supported: SELECT, EXPLAIN, "
-        "CREATE TABLE, DROP TABLE, SHOW TABLES, DESCRIBE, INSERT, REPLACE, UPDATE, DELETE",
-        stmt,
-    )
+    raise error_at(f"unsupported statement {type(stmt).__name__.upper()}; supported: "
+                   f"{SUPPORTED}", stmt)
 
 
-def create_table(catalog: CollectionStore, stmt: exp.Create) -> Any:
+@dataclass
+class TableSpec:
+    """What a CREATE TABLE declares, in declared order."""
+
+    order: list[str] = field(default_factory=list)
+    columns: dict[str, str] = field(default_factory=dict)
+    vector: tuple[str, int, str, str] | None = None  # name, dim, dtype, declared type
+    binaries: list[exp.ColumnDef] = field(default_factory=list)
+    has_id: bool = False
+    auto_increment: bool = False
+
+
+def create_table(catalog: CollectionStore, stmt: exp.Create) -> QueryResult:
     schema = stmt.this
     if str(stmt.args.get("kind", "")).upper() != "TABLE" or not isinstance(schema, exp.Schema):
         raise error_at("only CREATE TABLE name (columns...) is supported", stmt)
     table = schema.this
     if not isinstance(table, exp.Table) or table.args.get("db"):
         raise error_at("CREATE TABLE needs a plain table name", stmt)
-    name = table.name
-    vector: tuple[str, int, str] | None = None
-    columns: dict[str, str] = {}
-    has_id = False
-    for col in schema.expressions:
-        if not isinstance(col, exp.ColumnDef) or not isinstance(col.kind, exp.DataType):
-            raise error_at("expected a column definition: name TYPE", col)
-        cname, kind = col.name, col.kind
-        if kind.is_type(exp.DType.VECTOR):
-            if vector is not None:
-                raise error_at("a table holds exactly one VECTOR column", col)
-            args = kind.expressions
-            dim = _vector_dim(args, col)
-            dtype = "float16" if len(args) > 2 and args[2].name.upper() == "F16" else "float32"
-            if args and isinstance(args[0], exp.DataType) and not args[0].is_type(
-                exp.DType.FLOAT
-            ):
-                raise error_at("VECTOR element type must be F32 or F16", col)
-            vector = (cname, dim, dtype)
-        elif cname.lower() == "id":
-            if not kind.is_type(exp.DType.BIGINT, exp.DType.INT):
-                raise error_at("the id column must be BIGINT", col)
-            has_id = True
+    spec = TableSpec()
+    keys: list[exp.Expr] = []
+    for item in schema.expressions:
+        if isinstance(item, exp.ColumnDef) and isinstance(item.kind, exp.DataType):
+            _column(spec, item)
+        elif isinstance(item, exp.IndexColumnConstraint | exp.PrimaryKey):
+            keys.append(item)
         else:
-            columns[cname] = kind.this.name
-    if vector is None:
-        raise error_at("a table needs one column of type VECTOR(d) or VECTOR(d, F16)", stmt)
-    if not has_id:
+            raise error_at("expected a column definition (name TYPE) or a KEY, SHARD KEY or "
+                           "SORT KEY", item)
+    _binary_vector(spec)
+    if spec.vector is None:
+        raise error_at("a table needs one column of type VECTOR(d) or VECTOR(d, F16), or one "
+                       "binary(N), varbinary(N) or BLOB column of packed float32", stmt)
+    if not spec.has_id:
         raise error_at("a table needs an `id BIGINT PRIMARY KEY` column", stmt)
-    if stmt.args.get("exists") and catalog.resolve(name) is not None:
-        return _affected(0)
-    metric = _metric_option(stmt)
+    for key in keys:
+        _check_key(key, spec)
+    if stmt.args.get("exists") and catalog.resolve(table.name) is not None:
+        return _affected()
+    name, dim, dtype, declared = spec.vector
     try:
-        catalog.create_collection(name, vector[1], metric, vector[2], columns,
-                                  vector_column=vector[0])
+        catalog.create_collection(table.name, dim, _metric_option(stmt), dtype, spec.columns,
+                                  vector_column=name, column_order=spec.order,
+                                  vector_type=declared, auto_increment=spec.auto_increment)
     except InvalidInput as exc:
         raise error_at(exc.message, stmt) from exc
-    return _affected(0)
+    return _affected()
+
+
+def _column(spec: TableSpec, col: exp.ColumnDef) -> None:
+    """One column definition into ``spec`` (the vector, the id, or a metadata column)."""
+    kind = col.kind
+    assert isinstance(kind, exp.DataType)
+    name = col.name
+    is_id = name.lower() == "id"
+    if is_id:
+        name = "id"
+    for constraint in col.constraints:
+        attribute = constraint.args.get("kind")
+        if isinstance(attribute, ID_ATTRIBUTES):
+            if not is_id:
+                raise error_at(f"{attribute.key.upper()} belongs on the id column", constraint)
+            spec.auto_increment |= isinstance(attribute, exp.AutoIncrementColumnConstraint)
+        elif isinstance(attribute, exp.DefaultColumnConstraint):
+            if not isinstance(attribute.this, exp.Null):
+                raise error_at("only DEFAULT NULL is supported", constraint)
+        elif not isinstance(attribute, NO_OP_ATTRIBUTES):
+            raise error_at(f"column attribute {constraint.sql()} is not supported", constraint)
+    if name.lower() in {n.lower() for n in spec.order}:
+        raise error_at(f"column {name!r} declared twice", col)
+    spec.order.append(name)
+    if kind.is_type(exp.DType.VECTOR):
+        if spec.vector is not None:
+            raise error_at("a table holds exactly one VECTOR column", col)
+        declared = vector_type(kind, col)
+        if declared.element not in ("F32", "F16"):
+            raise error_at("VECTOR columns hold F32 or F16 elements (casts take the others)", col)
+        dtype = "float16" if declared.element == "F16" else "float32"
+        spec.vector = (name, declared.dim, dtype, declared.spelled())
+    elif kind.is_type(*BINARY_TYPES):
+        spec.binaries.append(col)
+    elif is_id:
+        if not kind.is_type(exp.DType.BIGINT, exp.DType.INT):
+            raise error_at("the id column must be BIGINT", col)
+        spec.has_id = True
+    else:
+        spec.columns[name] = kind.this.name
+
+
+def _binary_vector(spec: TableSpec) -> None:
+    """MemSQL stored vectors as packed float32 in a binary column: with no VECTOR column,
+    the table's one binary(N), varbinary(N) or BLOB column is its vector (N/4 elements; a
+    BLOB says its dimension in a comment, 'dim=N')."""
+    if not spec.binaries:
+        return
+    if spec.vector is not None or len(spec.binaries) > 1:
+        raise error_at("binary columns hold the table's vector: a table has one of them and "
+                       "no VECTOR column (metadata columns cannot be binary)", spec.binaries[-1])
+    col = spec.binaries[0]
+    kind = col.kind
+    assert isinstance(kind, exp.DataType)
+    if kind.expressions:
+        size = vector_dim(kind.expressions, col)
+        if size % 4:
+            raise error_at(f"a binary vector column holds packed float32 (4 bytes each): "
+                           f"{size} bytes is not a multiple of 4", col)
+        dim = size // 4
+    else:
+        dim = _comment_dim(col)
+    spec.vector = (spec.order[spec.order.index(col.name)], dim, "float32", kind.sql())
+
+
+def _comment_dim(col: exp.ColumnDef) -> int:
+    for constraint in col.constraints:
+        attribute = constraint.args.get("kind")
+        if isinstance(attribute, exp.CommentColumnConstraint):
+            text = attribute.name.strip().lower().replace(" ", "")
+            if text.startswith("dim=") and text[4:].isdigit() and int(text[4:]) > 0:
+                return int(text[4:])
+    raise error_at("a BLOB vector column needs its dimension: COMMENT 'dim=N' (or declare "
+                   "binary(4*N))", col)
+
+
+def _check_key(key: exp.Expr, spec: TableSpec) -> None:
+    """Keys are accepted for compatibility and change nothing here (ids are the primary
+    key, a search scans every row); their columns must exist."""
+    if isinstance(key, exp.PrimaryKey):
+        names = [e.name.lower() for e in key.expressions]
+        if names != ["id"]:
+            raise error_at("the primary key is the id column: PRIMARY KEY (id)", key)
+        return
+    declared = {n.lower() for n in spec.order}
+    for part in key.expressions:
+        if part.name.lower() not in declared:
+            raise error_at(f"key on unknown column {part.name!r}", key)
 
 
 def _metric_option(stmt: exp.Create) -> str:
@@ -139,20 +202,7 @@ def _metric_option(stmt: exp.Create) -> str:
     return "dot"
 
 
-def _vector_dim(args: list[exp.Expr], col: exp.Expr) -> int:
-    size = args[1] if len(args) > 1 else (args[0] if args else None)
-    if isinstance(size, exp.DataTypeParam):
-        size = size.this
-    try:
-        dim = int(str(size.name if size is not None else ""))
-    except ValueError:
-        raise error_at("VECTOR needs a dimension: VECTOR(d) or VECTOR(d, F16)", col) from None
-    if dim <= 0:
-        raise error_at("VECTOR dimension must be positive", col)
-    return dim
-
-
-def drop_table(catalog: CollectionStore, stmt: exp.Drop) -> Any:
+def drop_table(catalog: CollectionStore, stmt: exp.Drop) -> QueryResult:
     if str(stmt.args.get("kind", "")).upper() != "TABLE":
         raise error_at("only DROP TABLE is supported", stmt)
     tables = list(stmt.args.get("tables") or []) or [stmt.this]
@@ -165,142 +215,111 @@ def drop_table(catalog: CollectionStore, stmt: exp.Drop) -> Any:
                 continue
             raise error_at(f"unknown table {table.name!r}", table)
         catalog.drop_collection(canonical)
-    return _affected(0)
+    return _affected()
 
 
-def describe(catalog: CollectionStore, table: exp.Table) -> Any:
+def alter_table(catalog: CollectionStore, stmt: exp.Alter) -> QueryResult:
+    """ADD/DROP/RENAME COLUMN on metadata columns (RENAME also on the vector column) and
+    RENAME TO. Every action is checked before the first one runs."""
+    table = stmt.this
+    if str(stmt.args.get("kind", "")).upper() != "TABLE" or not isinstance(table, exp.Table):
+        raise error_at("only ALTER TABLE is supported", stmt)
+    name = catalog.resolve(table.name)
+    if name is None:
+        raise error_at(f"unknown table {table.name!r}", table)
+    rec = catalog.collection(name).record
+    order = list(rec.column_order)
+    steps: list[Callable[[str], Any]] = []
+    for action in stmt.args.get("actions") or []:
+        steps.append(_alter_step(catalog, action, rec, order))
+    for step in steps:
+        try:
+            result = step(name)
+        except InvalidInput as exc:
+            raise error_at(exc.message, stmt) from exc
+        except DotsearchError:
+            raise
+        if isinstance(result, str):
+            name = result
+    return _affected()
+
+
+def _alter_step(catalog: CollectionStore, action: exp.Expr, rec: CollectionRecord,
+                order: list[str]) -> Callable[[str], Any]:
+    """One ALTER action, checked against the columns as the earlier actions leave them
+    (``order`` is updated), as a call to make on the catalog."""
+    def find(column: str, node: exp.Expr) -> str:
+        for existing in order:
+            if existing.lower() == column.lower():
+                return existing
+        raise error_at(f"unknown column {column!r} in table {rec.name!r}", node)
+
+    if isinstance(action, exp.ColumnDef):
+        kind = action.kind
+        if not isinstance(kind, exp.DataType):
+            raise error_at("ADD COLUMN needs a type", action)
+        if kind.is_type(exp.DType.VECTOR, *BINARY_TYPES):
+            raise error_at(f"a table holds exactly one vector column ({rec.vector_column})",
+                           action)
+        if any(c.lower() == action.name.lower() for c in order):
+            raise error_at(f"column {action.name!r} already exists", action)
+        order.append(action.name)
+        column, sql_type = action.name, kind.this.name
+        return lambda table: catalog.add_column(table, column, sql_type)
+    if isinstance(action, exp.Drop) and str(action.args.get("kind", "")).upper() == "COLUMN":
+        names = [find(c.name, action) for c in action.args.get("tables") or []]
+        for column in names:
+            _not_key_or_vector(column, rec, action, "dropped")
+            order.remove(column)
+        return lambda table: [catalog.drop_column(table, c) for c in names]
+    if isinstance(action, exp.RenameColumn):
+        old = find(action.this.name, action)
+        new = action.args["to"].name
+        if old == "id":
+            raise error_at("the id column cannot be renamed", action)
+        if any(c.lower() == new.lower() for c in order):
+            raise error_at(f"column {new!r} already exists", action)
+        order[order.index(old)] = new
+        return lambda table: catalog.rename_column(table, old, new)
+    if isinstance(action, exp.AlterRename):
+        new_name = action.this.name
+
+        def rename(table: str) -> str:
+            catalog.rename_collection(table, new_name)
+            return new_name
+
+        return rename
+    if isinstance(action, exp.AlterColumn | exp.ModifyColumn):
+        target = action.this if isinstance(action, exp.ModifyColumn) else action
+        column = find(target.name, action)
+        _not_key_or_vector(column, rec, action, "retyped")
+        raise error_at("changing a column's type is not supported; add a new column and "
+                       "UPDATE it", action)
+    raise error_at("ALTER TABLE supports ADD COLUMN, DROP COLUMN, RENAME COLUMN and RENAME TO",
+                   action)
+
+
+def _not_key_or_vector(column: str, rec: CollectionRecord, node: exp.Expr, what: str) -> None:
+    if column == "id":
+        raise error_at(f"the id column cannot be {what}", node)
+    if column == rec.vector_column:
+        raise error_at(f"the vector column {column!r} cannot be {what}", node)
+
+
+def describe(catalog: CollectionStore, table: exp.Table) -> QueryResult:
+    """MySQL's DESCRIBE: Field, Type, Null, Key, Default, Extra in declared order."""
     canonical = catalog.resolve(table.name)
     if canonical is None:
         raise error_at(f"unknown table {table.name!r}", table)
-    info = catalog.get_collection(canonical)
-    vec_type = f"VECTOR({info.dim}{', F16' if info.dtype == 'float16' else ''})"
-    rows = [["id", "BIGINT", "PRI"], [info.vector_column, vec_type, ""]]
-    rows += [[c, t, ""] for c, t in info.columns.items()]
-    return _result(["Field", "Type", "Key"], ["VARCHAR"] * 3, rows)
-
-
-def _constant(node: exp.Expr, ctx: Context) -> Any:
-    if isinstance(node, exp.Paren):
-        return _constant(node.this, ctx)
-    if isinstance(node, exp.Null):
-        return None
-    if isinstance(node, exp.Boolean):
-        return bool(node.this)
-    if isinstance(node, exp.Placeholder):
-        return ctx.bound[str(node.this)]
-    if isinstance(node, exp.Literal):
-        if node.is_string:
-            return node.this
-        text = str(node.this)
-        value: int | float = float(text) if any(c in text for c in ".eE") else int(text)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise error_at("number out of range", node)
-        return value
-    if isinstance(node, exp.Neg):
-        inner = _constant(node.this, ctx)
-        if isinstance(inner, int | float) and not isinstance(inner, bool):
-            return -inner
-    row = first_row(ctx.cur.execute(
-        "SELECT " + to_duckdb(node),
-        {str(p.this): ctx.bound[str(p.this)] for p in node.find_all(exp.Placeholder)},
-    ))
-    return None if row is None else row[0]
-
-
-def insert(catalog: CollectionStore, stmt: exp.Insert, ctx: Context) -> Any:
-    target = stmt.this
-    names: list[str] | None = None
-    if isinstance(target, exp.Schema):
-        names = [c.name for c in target.expressions]
-        target = target.this
-    coll = catalog.collection(target.name)
-    rec = coll.record
-    if names is None:
-        names = ["id", rec.vector_column, *rec.columns]
-    lowered = {c.lower(): c for c in ["id", rec.vector_column, *rec.columns]}
-    for n in names:
-        if n.lower() not in lowered:
-            raise error_at(f"unknown column {n!r} in table {rec.name!r}", stmt)
-    names = [lowered[n.lower()] for n in names]
-    if "id" not in names or rec.vector_column not in names:
-        raise error_at(f"INSERT must give id and {rec.vector_column}", stmt)
-    values = stmt.expression
-    if not isinstance(values, exp.Values):
-        raise error_at("INSERT supports VALUES (...) rows only", stmt)
-    ids: list[int] = []
-    vectors: list[np.ndarray] = []
-    metadata: list[dict[str, Any]] = []
-    for row in values.expressions:
-        cells = row.expressions if isinstance(row, exp.Tuple) else [row]
-        if len(cells) != len(names):
-            raise error_at(f"expected {len(names)} values, got {len(cells)}", row)
-        meta: dict[str, Any] = {}
-        for name, cell in zip(names, cells, strict=True):
-            if name == rec.vector_column:
-                vectors.append(as_float32(eval_vector(cell, ctx, rec.dim)))
-                continue
-            value = _constant(cell, ctx)
-            if name == "id":
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise error_at("id must be an integer", cell)
-                ids.append(value)
-            elif rec.columns[name] == "JSON" and isinstance(value, str):
-                try:
-                    meta[name] = json.loads(value)
-                except ValueError as exc:
-                    raise error_at(f"column {name!r}: not valid JSON", cell) from exc
-            else:
-                meta[name] = value
-        metadata.append(meta)
-    if len(set(ids)) != len(ids) and not stmt.meta.get("replace"):
-        raise error_at("duplicate id in INSERT; use REPLACE INTO to upsert", stmt)
-    try:
-        written = catalog.upsert(rec.name, np.array(ids, dtype=np.int64), np.stack(vectors),
-                                 metadata, replace=bool(stmt.meta.get("replace")))
-    except InvalidInput as exc:
-        raise QueryError(exc.message, position=error_at("", stmt).position) from exc
-    return _affected(written)
-
-
-def _matching_ids(ctx: Context, table: exp.Table, where: exp.Expr | None) -> np.ndarray:
-    query = exp.select(exp.column("id", table=table.alias_or_name)).from_(table.copy())
-    if where is not None:
-        query.set("where", where.copy())
-    with ctx.catalog.reading():
-        return ctx.subquery_ids(query)
-
-
-def delete(catalog: CollectionStore, stmt: exp.Delete, ctx: Context) -> Any:
-    table = stmt.this
-    if not isinstance(table, exp.Table):
-        raise error_at("DELETE FROM table [WHERE ...]", stmt)
-    ids = _matching_ids(ctx, table, stmt.args.get("where"))
-    return _affected(catalog.delete(table.name, ids) if len(ids) else 0)
-
-
-def update(catalog: CollectionStore, stmt: exp.Update, ctx: Context) -> Any:
-    table = stmt.this
-    if not isinstance(table, exp.Table) or stmt.args.get("from_") or stmt.args.get("joins"):
-        raise error_at("UPDATE table SET column = value [WHERE ...] (one table)", stmt)
-    coll = catalog.collection(table.name)
-    rec = coll.record
-    by_lower = {c.lower(): c for c in rec.columns}
-    for assignment in stmt.expressions:
-        col = assignment.this if isinstance(assignment, exp.EQ) else None
-        if isinstance(col, exp.Column) and col.name.lower() in by_lower:
-            col.set("this", exp.to_identifier(by_lower[col.name.lower()]))
-        if not isinstance(col, exp.Column) or col.name not in rec.columns:
-            raise error_at(
-                f"UPDATE can set metadata columns only ({', '.join(rec.columns) or 'none'})",
-                assignment,
-            )
-    ids = _matching_ids(ctx, table, stmt.args.get("where"))
-    if len(ids) == 0:
-        return _affected(0)
-    sets = ", ".join(
-        f"{quote(a.this.name)} = CAST(({to_duckdb(a.expression)}) AS {rec.columns[a.this.name]})"
-        for a in stmt.expressions
-    )
-    used = {str(p.this) for a in stmt.expressions for p in a.find_all(exp.Placeholder)}
-    values = {k: v for k, v in ctx.bound.items() if k in used}
-    return _affected(catalog.update_metadata(rec.name, ids, sets, values, ctx.watch))
+    rec = catalog.collection(canonical).record
+    rows: list[list[Any]] = []
+    for column in rec.column_order:
+        if column == "id":
+            rows.append(["id", "BIGINT", "NO", "PRI", None,
+                         "auto_increment" if rec.auto_increment else ""])
+        elif column == rec.vector_column:
+            rows.append([column, rec.vector_type, "NO", "", None, ""])
+        else:
+            rows.append([column, rec.columns[column], "YES", "", None, ""])
+    return QueryResult(["Field", "Type", "Null", "Key", "Default", "Extra"],
+                       ["VARCHAR"] * 6, rows)

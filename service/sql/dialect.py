@@ -1,4 +1,6 @@
-"""The dotsearch SQL dialect: sqlglot's SingleStore plus `<*>` and `VECTOR(d, F16)`."""
+"""The dotsearch SQL dialect: sqlglot's SingleStore plus `<*>`, `VECTOR(d, F16)`, and the
+MemSQL forms sqlglot does not parse yet (`REPLACE INTO`, `RENAME TABLE`, `SHARD KEY`,
+`SORT KEY`, `KEY ... USING CLUSTERED COLUMNSTORE`)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ class Dotsearch(SingleStore):
 
     class Tokenizer(SingleStore.Tokenizer):
         KEYWORDS: ClassVar = {**SingleStore.Tokenizer.KEYWORDS, "<*>": DOT_TOKEN}
+        # Parsed as statements below, not swallowed as opaque commands.
+        COMMANDS: ClassVar = SingleStore.Tokenizer.COMMANDS - {TokenType.REPLACE, TokenType.RENAME}
 
     class Parser(SingleStoreParser):
         FACTOR: ClassVar[dict[TokenType, Any]] = {
@@ -29,10 +33,54 @@ class Dotsearch(SingleStore):
             DOT_TOKEN: exp.DotProduct,
         }
 
+        STATEMENT_PARSERS: ClassVar[dict[TokenType, Any]] = {
+            **SingleStoreParser.STATEMENT_PARSERS,
+            TokenType.REPLACE: lambda self: self._parse_replace(),
+            TokenType.RENAME: lambda self: self._parse_rename_table(),
+        }
+        # SingleStore's table keys: `SHARD KEY (cols)` and `SORT KEY (cols)`.
+        SCHEMA_UNNAMED_CONSTRAINTS: ClassVar = {
+            *SingleStoreParser.SCHEMA_UNNAMED_CONSTRAINTS, "SHARD", "SORT"}
+        CONSTRAINT_PARSERS: ClassVar[dict[str, Any]] = {
+            **SingleStoreParser.CONSTRAINT_PARSERS,
+            "SHARD": lambda self: self._parse_table_key("SHARD"),
+            "SORT": lambda self: self._parse_table_key("SORT"),
+        }
+
         def _parse_vector_expressions(self, expressions: list[exp.Expr]) -> list[exp.Expr]:
             if expressions[1].name.upper() == "F16":
                 return [exp.DataType.build("FLOAT"), expressions[0], exp.var("F16")]
             return super()._parse_vector_expressions(expressions)
+
+        def _parse_replace(self) -> exp.Expr:
+            """`REPLACE [INTO] t ...`: MySQL's upsert, an INSERT whose alternative is REPLACE."""
+            insert = self._parse_insert()
+            insert.set("alternative", "REPLACE")
+            return insert
+
+        def _parse_rename_table(self) -> exp.Expr:
+            """`RENAME TABLE a TO b`: the same tree as `ALTER TABLE a RENAME TO b`."""
+            if not self._match(TokenType.TABLE):
+                return self._parse_as_command(self._prev)
+            this = self._parse_table(schema=True)
+            self._match_text_seq("TO")
+            target = self._parse_table(schema=True)
+            if self._match(TokenType.COMMA):
+                self.raise_error("RENAME TABLE renames one table at a time")
+            return self.expression(exp.Alter(this=this, kind="TABLE",
+                                             actions=[exp.AlterRename(this=target)]))
+
+        def _parse_table_key(self, kind: str) -> exp.Expr:
+            self._match(TokenType.KEY)
+            columns = self._parse_wrapped_csv(self._parse_id_var, optional=True)
+            return self.expression(exp.IndexColumnConstraint(kind=kind, expressions=columns))
+
+        def _parse_index_constraint_options(self) -> list[exp.IndexConstraintOption]:
+            """MySQL's key options, and SingleStore's two-word `USING CLUSTERED COLUMNSTORE`."""
+            if self._match_text_seq("USING", "CLUSTERED", "COLUMNSTORE"):
+                using = exp.IndexConstraintOption(using="CLUSTERED COLUMNSTORE")
+                return [using, *self._parse_index_constraint_options()]
+            return super()._parse_index_constraint_options()
 
 
 DIALECT = Dotsearch()

@@ -17,9 +17,24 @@ from service.limits import Watch
 from service.snapshots import SNAPSHOT_ATTEMPTS, ReadSnapshot, StaleSnapshot
 from service.sql.access import authorize_script
 from service.sql.dialect import error_at, parse_script, to_duckdb
+from service.sql.functions import vector_values
 from service.sql.guards import check_depth, guard_error, guard_functions
+from service.sql.names import (
+    Resolver,
+    expand_aliases,
+    expand_stars,
+    name_outputs,
+    vector_outputs,
+)
 from service.sql.planner import ScopePlan, plan_select, rewrite_all_slow
-from service.sql.vectors import Context, bind_parameters
+from service.sql.vectors import (
+    MAX_VARIABLES,
+    Context,
+    Session,
+    Variable,
+    bind_parameters,
+    resolve_vector_casts,
+)
 
 if TYPE_CHECKING:
     from service.collections import CollectionStore
@@ -47,6 +62,7 @@ def execute_script(catalog: CollectionStore, sql: str,
     statements = parse_script(sql, max_tokens=limits.max_tokens)
     authorize_script(statements, access)
     positional = [0]
+    session = Session()
     result = QueryResult([], [], [])
     for number, stmt in enumerate(statements):
 
@@ -56,7 +72,8 @@ def execute_script(catalog: CollectionStore, sql: str,
         with catalog.watchdog.watch(limits, catalog.reader()) as watch:
             try:
                 check_depth(stmt, limits.max_depth)
-                result = execute_statement(catalog, stmt, params, positional, watch, reparse)
+                result = execute_statement(catalog, stmt, params, positional, watch, reparse,
+                                           session)
             except DotsearchError:
                 raise
             except duckdb.Error as exc:
@@ -118,29 +135,42 @@ def check_statement(stmt: exp.Expr, catalog: CollectionStore) -> None:
     guard_functions(stmt)
 
 
-def _new_context(catalog: CollectionStore, watch: Watch | None,
-                 snap: ReadSnapshot | None = None,
-                 explain: bool = False) -> Context:
+def _new_context(catalog: CollectionStore, watch: Watch | None, session: Session,
+                 snap: ReadSnapshot | None = None, explain: bool = False) -> Context:
     return Context(catalog, catalog.reader(), explain=explain, run_subquery=run_subquery,
-                   watch=watch, index_access=lambda: catalog.index_access(snap))
+                   watch=watch, index_access=lambda: catalog.index_access(snap),
+                   session=session)
+
+
+def prepare_query(stmt: exp.Expr, ctx: Context, params: Any, positional: list[int]) -> None:
+    """Names as SingleStore resolves them (`*`, aliases), then the bound values."""
+    resolver = Resolver(stmt, ctx.catalog, ctx)
+    expand_stars(stmt, resolver)
+    expand_aliases(stmt, resolver)
+    name_outputs(stmt)
+    bind_parameters(stmt, params, ctx, positional)
 
 
 def execute_statement(catalog: CollectionStore, stmt: exp.Expr, params: Any,
                       positional: list[int],
                       watch: Watch | None = None,
-                      reparse: Callable[[], exp.Expr] | None = None) -> Any:
+                      reparse: Callable[[], exp.Expr] | None = None,
+                      session: Session | None = None, *, raw: bool = False) -> Any:
     """Run one statement. A query runs in a DuckDB snapshot without holding the catalog's
     lock; if a write changes an index mid-way, it runs again on a fresh copy (``reparse``),
-    the last time holding the lock throughout."""
-    from service.sql import ddl
+    the last time holding the lock throughout. ``raw``: values as DuckDB gives them."""
+    from service.sql import ddl, dml
 
-    if isinstance(stmt, exp.Command) and str(stmt.this).upper() == "REPLACE":
-        stmt = ddl.reparse_replace(stmt)
+    session = session if session is not None else Session()
     stmt = _unwrapped(stmt)
     if isinstance(stmt, exp.Describe) and isinstance(stmt.this, QUERY_TYPES):
-        return explain_query(catalog, stmt.this, params, positional)
+        return explain_query(catalog, stmt.this, params, positional, session)
+    if isinstance(stmt, exp.Set):
+        return set_variables(catalog, stmt, params, positional, watch, session)
+    if isinstance(stmt, exp.Insert | exp.Update | exp.Delete):
+        return dml.execute_dml(catalog, stmt, params, positional, watch, session)
     if not isinstance(stmt, QUERY_TYPES):
-        return ddl.execute_other(catalog, stmt, params, positional, watch)
+        return ddl.execute_ddl(catalog, stmt)
     first_positional = positional[0]
     for attempt in range(SNAPSHOT_ATTEMPTS):
         last = attempt == SNAPSHOT_ATTEMPTS - 1 or reparse is None
@@ -148,15 +178,45 @@ def execute_statement(catalog: CollectionStore, stmt: exp.Expr, params: Any,
             stmt, positional[0] = _unwrapped(reparse()), first_positional  # type: ignore[misc]
         check_statement(stmt, catalog)
         with catalog.snapshot(exclude_writers=last) as snap:
-            ctx = _new_context(catalog, watch, snap)
+            ctx = _new_context(catalog, watch, session, snap)
             try:
-                bind_parameters(stmt, params, ctx, positional)
-                return run_query(ctx, stmt)
+                prepare_query(stmt, ctx, params, positional)
+                return run_query(ctx, stmt, raw=raw)
             except StaleSnapshot:
                 continue
             finally:
                 ctx.cleanup()
     raise AssertionError("unreachable: the last attempt excludes writers")
+
+
+def set_variables(catalog: CollectionStore, stmt: exp.Set, params: Any, positional: list[int],
+                  watch: Watch | None, session: Session) -> QueryResult:
+    """`SET @a = expr[, @b = expr]`: each expression is evaluated as `SELECT expr` (under
+    the SQL limits) and kept for the rest of the request's script."""
+    for item in stmt.expressions:
+        eq = item.this if isinstance(item, exp.SetItem) else None
+        if not isinstance(eq, exp.EQ) or not isinstance(eq.this, exp.Parameter) or isinstance(
+            eq.this, exp.SessionParameter
+        ):
+            raise error_at("only user variables can be set: SET @name = expression", item)
+        name = eq.this.name.lower()
+        if name not in session.variables and len(session.variables) >= MAX_VARIABLES:
+            raise error_at(f"a script may set at most {MAX_VARIABLES} variables", item)
+        pristine = exp.select(eq.expression.copy())
+        got = execute_statement(catalog, pristine.copy(), params, positional, watch,
+                                _copier(pristine), session, raw=True)
+        if len(got.rows) != 1 or len(got.rows[0]) != 1:
+            raise error_at(f"SET @{eq.this.name} needs exactly one value, got "
+                           f"{len(got.rows)} rows", item)
+        value = got.rows[0][0]
+        vector = got.types[0] if got.types[0].startswith("VECTOR") else None
+        session.variables[name] = Variable(
+            bytes(value) if isinstance(value, bytearray | memoryview) else value, vector)
+    return QueryResult(["rows_affected"], ["BIGINT"], [[0]])
+
+
+def _copier(tree: exp.Expr) -> Callable[[], exp.Expr]:
+    return lambda: tree.copy()
 
 
 def _unwrapped(stmt: exp.Expr) -> exp.Expr:
@@ -170,6 +230,7 @@ def plan_statement(ctx: Context, stmt: exp.Expr) -> list[ScopePlan]:
     """Plan every SELECT scope (outermost first) and rewrite the leftovers for DuckDB."""
     plans: list[ScopePlan] = []
     root = stmt.root()
+    resolve_vector_casts(stmt, ctx, Resolver(root, ctx.catalog, ctx))
     selects = [s for s in stmt.walk(bfs=False) if isinstance(s, exp.Select)]
     for select in selects:
         if select.meta.get("ds_internal") or select.root() is not root:
@@ -195,11 +256,14 @@ def run_subquery(ctx: Context, node: exp.Expr) -> duckdb.DuckDBPyConnection:
     return _execute(ctx, query)
 
 
-def run_query(ctx: Context, stmt: exp.Expr) -> QueryResult:
+def run_query(ctx: Context, stmt: exp.Expr, *, raw: bool = False) -> QueryResult:
+    """Run a query: JSON-friendly rows (VECTOR outputs as arrays of numbers), or with
+    ``raw`` the values as DuckDB gives them (VECTOR outputs as packed bytes)."""
+    vectors = vector_outputs(stmt, Resolver(stmt, ctx.catalog, ctx))
     plan_statement(ctx, stmt)
     cur = _execute(ctx, stmt)
     names = [d[0] for d in cur.description or []]
-    types = [str(d[1]) for d in cur.description or []]
+    types = [vectors.get(i, str(d[1])) for i, d in enumerate(cur.description or [])]
     max_bytes = ctx.catalog.sql_limits.max_result_bytes
     converted: list[list[Any]] = []
     size = 0
@@ -208,7 +272,11 @@ def run_query(ctx: Context, stmt: exp.Expr) -> QueryResult:
             raise error_at(f"result has more than {MAX_RESULT_ROWS} rows; add a LIMIT", stmt)
         for row in batch:
             size += sum(_cell_bytes(v) for v in row)
-            converted.append([_cell(v, t) for v, t in zip(row, types, strict=True)])
+            if raw:
+                converted.append(list(row))
+                continue
+            converted.append([_cell(v, t, i in vectors)
+                              for i, (v, t) in enumerate(zip(row, types, strict=True))])
         if size > max_bytes:
             raise QueryResourceLimit(
                 f"the result is larger than {max_bytes} bytes; add a LIMIT, select fewer "
@@ -225,7 +293,9 @@ def _cell_bytes(value: Any) -> int:
     return 16
 
 
-def _cell(value: Any, sql_type: str) -> Any:
+def _cell(value: Any, sql_type: str, vector: bool = False) -> Any:
+    if vector and isinstance(value, bytes | bytearray | memoryview):
+        return vector_values(bytes(value))
     if sql_type == "JSON" and isinstance(value, str):
         import json
 
@@ -237,15 +307,15 @@ def _cell(value: Any, sql_type: str) -> Any:
 
 
 def explain_query(catalog: CollectionStore, query: exp.Expr, params: Any,
-                  positional: list[int]) -> QueryResult:
+                  positional: list[int], session: Session) -> QueryResult:
     """EXPLAIN: what would run, without running the vector search."""
     from service.sql.explain import describe_plan
 
     check_statement(query, catalog)
     with catalog.reading():
-        ctx = _new_context(catalog, None, explain=True)
+        ctx = _new_context(catalog, None, session, explain=True)
         try:
-            bind_parameters(query, params, ctx, positional)
+            prepare_query(query, ctx, params, positional)
             plans = plan_statement(ctx, query)
             text = describe_plan(catalog, plans, to_duckdb(query))
         finally:

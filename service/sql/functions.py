@@ -86,8 +86,15 @@ def cosine_distance(a: bytes | None, b: bytes | None) -> float | None:
 
 
 def unpack_json(blob: bytes | None) -> str | None:
-    vec = unpack(blob)
-    return None if vec is None else json.dumps([float(x) for x in vec])
+    return None if blob is None else json.dumps(vector_values(blob))
+
+
+def vector_values(blob: bytes) -> list[float]:
+    """A packed float32 vector as numbers printed as short as float32 round-trips allow
+    (0.1, not 0.10000000149011612): numpy's shortest float32 text, read as float64."""
+    values = unpack(blob)
+    assert values is not None
+    return [float(text) for text in values.astype(str)]
 
 
 def pack_text(text: str | None) -> bytes | None:

@@ -20,6 +20,7 @@ from service.sql.functions import pack_json, pack_values
 
 if TYPE_CHECKING:
     from service.collections import CollectionStore
+    from service.sql.names import Resolver
 
 # Vector function kinds: name -> (kind, higher is closer).
 FUNCTION_KINDS: dict[type[exp.Expr], str] = {
@@ -36,6 +37,27 @@ ANONYMOUS_KINDS = {
 }
 HIGHER_IS_CLOSER = {"dot": True, "cos_sim": True, "l2": False, "cos_dist": False}
 MAX_PARAM_TEXT = 1 << 24
+TEXT_TYPES = (exp.DType.JSON, exp.DType.TEXT, exp.DType.VARCHAR, exp.DType.CHAR,
+              exp.DType.LONGTEXT, exp.DType.MEDIUMTEXT)
+
+
+@dataclass
+class Variable:
+    """A user variable's value (as DuckDB takes a parameter) and, for a vector, its type."""
+
+    value: Any
+    vector: str | None = None
+
+
+@dataclass
+class Session:
+    """One request's script state: user variables (`SET @v = ...`) and LAST_INSERT_ID()."""
+
+    variables: dict[str, Variable] = field(default_factory=dict)
+    last_insert_id: int = 0
+
+
+MAX_VARIABLES = 256
 
 
 @dataclass
@@ -53,6 +75,9 @@ class Context:
     # The statement's time and memory watch, and the context for reading an index.
     watch: Watch | None = None
     index_access: Callable[[], AbstractContextManager[Any]] = nullcontext
+    session: Session = field(default_factory=Session)
+    # Bound placeholder -> VECTOR type, for values that are vectors (casts, vector variables).
+    vector_params: dict[str, str] = field(default_factory=dict)
 
     def subquery_ids(self, query: exp.Expr) -> npt.NDArray[np.int64]:
         """The first column of a nested query's result as int64 ids (fetched as numpy)."""
@@ -61,9 +86,11 @@ class Context:
         columns = self.run_subquery(self, query).fetchnumpy()
         return np.asarray(next(iter(columns.values())), dtype=np.int64)
 
-    def bind(self, value: Any) -> exp.Placeholder:
+    def bind(self, value: Any, vector: str | None = None) -> exp.Placeholder:
         name = f"p{len(self.bound)}"
         self.bound[name] = value
+        if vector is not None:
+            self.vector_params[name] = vector
         return exp.Placeholder(this=name)
 
     def register(self, prefix: str, columns: dict[str, npt.NDArray[Any]]) -> str:
@@ -136,25 +163,88 @@ def check_param_value(value: Any, where: str) -> Any:
 
 def bind_parameters(stmt: exp.Expr, params: dict[str, Any] | list[Any] | None, ctx: Context,
                     positional: list[int]) -> None:
-    """Replace each `:name` / `?` with an internal placeholder bound to a checked value.
+    """Replace each `:name`, `?`, `@variable` and LAST_INSERT_ID() with an internal
+    placeholder bound to a checked value. Every use of one name binds one placeholder, so
+    equal expressions stay equal (a WHERE alias and its projection plan as one call).
 
     ``positional`` is a one-element counter shared across the statements of a script.
     """
+    named: dict[str, exp.Placeholder] = {}
     for node in list(stmt.walk(bfs=False)):
-        if not isinstance(node, exp.Placeholder):
-            continue
-        if node.this:
-            key = str(node.this)
-            if not isinstance(params, dict) or key not in params:
-                raise error_at(f"no value given for parameter :{key}", node)
-            value = check_param_value(params[key], f":{key}")
-        else:
+        if isinstance(node, exp.SessionParameter):
+            raise error_at(f"system variables are not supported: @@{node.name}", node)
+        if isinstance(node, exp.Parameter):
+            key = "@" + node.name.lower()
+            if key not in named:
+                var = ctx.session.variables.get(node.name.lower())
+                if var is None:
+                    raise error_at(f"user variable @{node.name} is not set in this request "
+                                   f"(SET @{node.name} = ... earlier in the same script)", node)
+                named[key] = ctx.bind(var.value, var.vector)
+            node.replace(named[key].copy())
+        elif anonymous_name(node) == "LAST_INSERT_ID":
+            if node.expressions:
+                raise error_at("LAST_INSERT_ID() takes no arguments", node)
+            node.replace(ctx.bind(ctx.session.last_insert_id))
+        elif isinstance(node, exp.Placeholder) and node.this:
+            key = ":" + str(node.this)
+            if key not in named:
+                if not isinstance(params, dict) or str(node.this) not in params:
+                    raise error_at(f"no value given for parameter :{node.this}", node)
+                named[key] = ctx.bind(check_param_value(params[str(node.this)], key))
+            node.replace(named[key].copy())
+        elif isinstance(node, exp.Placeholder):
             i = positional[0]
             if not isinstance(params, list | tuple) or i >= len(params):
                 raise error_at(f"no value given for positional parameter {i + 1}", node)
             value = check_param_value(params[i], f"#{i + 1}")
             positional[0] += 1
-        node.replace(ctx.bind(value))
+            node.replace(ctx.bind(value))
+
+
+def resolve_vector_casts(stmt: exp.Expr, ctx: Context, resolver: Resolver) -> None:
+    """`x :> VECTOR(n)` and `x !:> VECTOR(n)`: a constant (text, hex, parameter, variable,
+    subquery) becomes a bound packed vector, checked for length and element range (`!:>`
+    gives NULL instead of an error); a vector column stays itself, its length checked.
+    A VECTOR value cast to JSON or text is its JSON array, as in SingleStore."""
+    from service.sql.casts import cast_target, check_cast
+    from service.sql.functions import UDF_NAMES
+
+    root = stmt.root()
+    for node in list(stmt.find_all(exp.Cast)):
+        if node.root() is not root:
+            continue
+        target = cast_target(node)
+        inner = node.this
+        while isinstance(inner, exp.Paren):
+            inner = inner.this
+        if target is None:
+            if node.to.is_type(*TEXT_TYPES) and resolver.vector_type(inner) is not None:
+                unpacked = exp.Anonymous(this=UDF_NAMES["unpack"], expressions=[inner.copy()])
+                node.replace(unpacked if node.to.is_type(exp.DType.JSON)
+                             else exp.Cast(this=unpacked, to=exp.DataType.build("VARCHAR")))
+            continue
+        if isinstance(inner, exp.Column):
+            dim = resolver.column_dim(inner)
+            if dim is None:
+                raise error_at(f"only a vector column can be cast to {target.spelled()}; "
+                               "use JSON_ARRAY_PACK(text) for a text column", node)
+            if dim != target.dim:
+                raise error_at(f"cannot cast a vector of {dim} elements to "
+                               f"{target.spelled()}", node)
+            node.replace(inner)
+            continue
+        if not is_constant_vector(inner, set()):
+            raise error_at(f"only a constant, a parameter, a variable, a subquery or a vector "
+                           f"column can be cast to {target.spelled()}", node)
+        try:
+            packed = check_cast(eval_vector(inner, ctx), target, node)
+        except QueryError:
+            if not isinstance(node, exp.TryCast):
+                raise
+            node.replace(exp.Null())
+            continue
+        node.replace(ctx.bind(packed, target.spelled()))
 
 
 def is_constant_vector(node: exp.Expr, vector_columns: set[str]) -> bool:
@@ -169,7 +259,7 @@ def is_constant_vector(node: exp.Expr, vector_columns: set[str]) -> bool:
     return False
 
 
-def _from_value(value: Any, node: exp.Expr) -> bytes:
+def from_value(value: Any, node: exp.Expr) -> bytes:
     try:
         if isinstance(value, bytes):
             if len(value) % 4 or not value:
@@ -194,12 +284,12 @@ def eval_vector(node: exp.Expr, ctx: Context, dim: int | None = None) -> bytes:
     if isinstance(node, exp.Paren):
         return eval_vector(node.this, ctx, dim)
     if isinstance(node, exp.Placeholder):
-        packed = _from_value(ctx.bound[str(node.this)], node)
+        packed = from_value(ctx.bound[str(node.this)], node)
     elif isinstance(node, exp.Literal) and node.is_string:
-        packed = _from_value(node.this, node)
+        packed = from_value(node.this, node)
     elif isinstance(node, exp.HexString):
         try:
-            packed = _from_value(bytes.fromhex(str(node.this)), node)
+            packed = from_value(bytes.fromhex(str(node.this)), node)
         except ValueError as exc:
             raise error_at(f"bad hex vector literal: {exc}", node) from exc
     elif anonymous_name(node) == "JSON_ARRAY_PACK" and len(node.expressions) == 1:
@@ -208,9 +298,9 @@ def eval_vector(node: exp.Expr, ctx: Context, dim: int | None = None) -> bytes:
             value = ctx.bound[str(arg.this)]
             if not isinstance(value, str | list):
                 raise error_at("JSON_ARRAY_PACK takes a JSON array string", arg)
-            packed = _from_value(value, arg)
+            packed = from_value(value, arg)
         elif isinstance(arg, exp.Literal) and arg.is_string:
-            packed = _from_value(arg.this, arg)
+            packed = from_value(arg.this, arg)
         else:
             raise error_at("JSON_ARRAY_PACK takes a JSON array string", node)
     elif isinstance(node, exp.Subquery):
@@ -224,7 +314,7 @@ def eval_vector(node: exp.Expr, ctx: Context, dim: int | None = None) -> bytes:
         value = rows[0][0]
         if value is None:
             raise error_at("the vector subquery returned NULL", node)
-        packed = _from_value(bytes(value) if isinstance(value, bytearray | memoryview) else value,
+        packed = from_value(bytes(value) if isinstance(value, bytearray | memoryview) else value,
                              node)
     else:
         raise error_at("expected a constant vector", node)

@@ -45,7 +45,12 @@ WRITES: list[tuple[str, str, bool]] = [
     ("replace-into", "REPLACE INTO t VALUES (1, '[0,0,0,1]', 'pwned', 1999)", True),
     ("create-table", "CREATE TABLE u (id BIGINT PRIMARY KEY, feature VECTOR(4))", True),
     ("drop-table", "DROP TABLE t", True),
-    ("set-variable", "SET @v = 1", False),
+    ("set-system-variable", "SET memory_limit = '1TB'", False),
+    ("set-session-variable", "SET @@autocommit = 0", False),
+    ("set-variable-then-delete", "SET @v = 1; DELETE FROM t WHERE id = @v", True),
+    ("alter-rename", "ALTER TABLE t RENAME TO u", False),
+    ("rename-table", "RENAME TABLE t TO u", False),
+    ("insert-select", "INSERT INTO t SELECT id + 10, feature, label, year FROM t", True),
     ("dml-in-a-select-cte", "WITH d AS (DELETE FROM t RETURNING id) SELECT * FROM d", False),
     ("select-into", "SELECT * INTO u FROM t", False),
     ("truncate", "TRUNCATE TABLE t", False),
@@ -66,6 +71,8 @@ READS: list[tuple[str, str, list[list[Any]] | None]] = [
      "SELECT id FROM t ORDER BY DOT_PRODUCT(feature, '[1,0,0,0]') DESC LIMIT 2", [[1], [3]]),
     ("script-of-reads", "SELECT 1; SELECT COUNT(*) FROM t", [[4]]),
     ("scalar-subquery", "SELECT (SELECT COUNT(*) FROM t) AS n", [[4]]),
+    # User variables live for one request's script: setting one changes nothing stored.
+    ("set-variable", "SET @n = (SELECT COUNT(*) FROM t); SELECT @n + 1 AS n", [[5]]),
 ]
 
 
