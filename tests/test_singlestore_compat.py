@@ -281,3 +281,11 @@ def test_errors_in_our_own_words(comments: TestClient, statement: str) -> None:
 
 def test_storage_schema_version_is_current() -> None:
     assert SCHEMA_VERSION == 2
+
+
+def test_variables_are_bounded(tmp_path: Path) -> None:
+    with make_client(tmp_path, sql_max_result_bytes=4096) as c:
+        err = sql(c, "SET @a = repeat('x', 3000); SET @b = repeat('y', 3000)", status=400)
+        assert err["error"] == "query_resource_limit"
+        many = "; ".join(f"SET @v{i} = {i}" for i in range(257))
+        assert "at most 256 variables" in sql(c, many, status=400)["message"]

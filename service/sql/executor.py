@@ -210,6 +210,11 @@ def set_variables(catalog: CollectionStore, stmt: exp.Set, params: Any, position
                            f"{len(got.rows)} rows", item)
         value = got.rows[0][0]
         vector = got.types[0] if got.types[0].startswith("VECTOR") else None
+        session.held_bytes += _cell_bytes(value)
+        if session.held_bytes > catalog.sql_limits.max_result_bytes:
+            raise QueryResourceLimit(
+                f"the script's variables hold more than {catalog.sql_limits.max_result_bytes} "
+                "bytes (DOTSEARCH_SQL_MAX_RESULT_BYTES)")
         session.variables[name] = Variable(
             bytes(value) if isinstance(value, bytearray | memoryview) else value, vector)
     return QueryResult(["rows_affected"], ["BIGINT"], [[0]])

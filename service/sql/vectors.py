@@ -55,6 +55,7 @@ class Session:
 
     variables: dict[str, Variable] = field(default_factory=dict)
     last_insert_id: int = 0
+    held_bytes: int = 0  # what the variables hold, bounded like a result
 
 
 MAX_VARIABLES = 256
