@@ -15,7 +15,7 @@ COPY service ./service
 COPY gpu ./gpu
 COPY cpu_fallback ./cpu_fallback
 COPY bench ./bench
-RUN pip install ".[gpu]"
+RUN pip install ".[gpu,cluster]"
 
 # Bake torchvision's pretrained Inception-v3 into the image so the server needs no network
 # at start (build with --build-arg PREFETCH_WEIGHTS=0 to skip; `auto` then falls back).

@@ -22,6 +22,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "http": ("bench.http", "run_http"),
     "featurize": ("bench.featurize", "run_featurize"),
     "reliability": ("bench.reliability", "run_reliability"),
+    "cluster": ("bench.cluster", "run_cluster"),
 }
 
 

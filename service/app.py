@@ -15,10 +15,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cpu_fallback.core import IndexUnavailable
 from service.auth import AuthMiddleware
 from service.batcher import SearchBatcher
 from service.errors import DotsearchError, PayloadTooLarge
-from service.limits import SqlLimits
 from service.metrics import LatencyMiddleware, Metrics
 from service.routes import collections, docs, featurize, health, images, query, search, ui, vectors
 from service.routes.deps import SafeJSONResponse, Services
@@ -61,6 +61,11 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code >= 500:
             log.warning("%s %s: %s", request.method, request.url.path, exc)
         return SafeJSONResponse(exc.to_dict(), status_code=exc.status_code)
+
+    @app.exception_handler(IndexUnavailable)
+    async def index_unavailable(request: Request, exc: IndexUnavailable) -> SafeJSONResponse:
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        return _error(503, "not_ready", str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def request_invalid(request: Request, exc: RequestValidationError) -> SafeJSONResponse:
@@ -166,10 +171,7 @@ def create_app(settings: Settings | None = None, *, catalog: Catalog | None = No
         owned = catalog is None
         if catalog is None:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
-            cat = Catalog(settings.data_dir, settings.backend,
-                          duckdb_memory_limit=settings.duckdb_memory_limit,
-                          sql_limits=SqlLimits.from_settings(settings),
-                          engine_options=settings.engine_options())
+            cat = Catalog.from_settings(settings)
         else:
             cat = catalog
         services.catalog = cat
@@ -181,7 +183,7 @@ def create_app(settings: Settings | None = None, *, catalog: Catalog | None = No
             window_s=settings.batch_window_ms / 1000.0, max_batch=settings.batch_max,
             on_batch=metrics.observe_batch)
         metrics.add_state(lambda: [(c.name, c.count) for c in cat.list_collections()],
-                          health.gpu_memory)
+                          health.gpu_memory, cat.shard_states)
         if featurizer is not None:
             services.featurizer, services.featurizer_state = featurizer, "ready"
             services.featurizer_ready.set()

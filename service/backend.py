@@ -1,11 +1,11 @@
-"""Backend selection (auto | gpu | cpu) and the index factory the service uses."""
+"""Backend selection (auto | gpu | cpu | ray) and the index factory the service uses."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, Literal
 
 from cpu_fallback import CpuIndex
 from cpu_fallback.core import ENGINE_OPTIONS, BackendName
@@ -14,19 +14,32 @@ from service.index_protocol import VectorIndex
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "gpu", "cpu")
+BACKENDS = ("auto", "gpu", "cpu", "ray")
 
-__all__ = ["BACKENDS", "ENGINE_OPTIONS", "BackendChoice", "gpu_memory_info", "index_class",
-           "make_index", "resolve_backend", "select_backend"]
+__all__ = ["BACKENDS", "ENGINE_OPTIONS", "BackendChoice", "ClusterOptions", "gpu_memory_info",
+           "index_class", "make_index", "resolve_backend", "select_backend"]
 
 
 @dataclass(frozen=True)
 class BackendChoice:
-    """The backend in use ("gpu" or "cpu"), the device it runs on, and why it was chosen."""
+    """The backend in use ("gpu", "cpu" or "ray"), the device it runs on, and why it was
+    chosen."""
 
-    name: BackendName
+    name: BackendName | Literal["ray"]
     device: str
     reason: str
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """The ray backend's settings: where Ray runs (None: a local Ray this process starts),
+    the default shard count (None: the GPUs Ray sees, or 2), how long a shard may take to
+    answer, and how often shards are checked for restarts."""
+
+    address: str | None = None
+    shards: int | None = None
+    timeout_s: float = 10.0
+    check_s: float = 1.0
 
 
 @cache
@@ -40,6 +53,9 @@ def select_backend(requested: str = "auto") -> BackendChoice:
     if requested == "cpu":
         log.info("backend: cpu (requested)")
         return BackendChoice("cpu", "host", "requested")
+    if requested == "ray":
+        log.info("backend: ray (requested): shards on a Ray cluster")
+        return BackendChoice("ray", "ray cluster", "requested")
     ok, detail = gpu_available()
     if ok:
         log.info("backend: gpu on %s (%s)", detail, requested)
@@ -50,25 +66,34 @@ def select_backend(requested: str = "auto") -> BackendChoice:
     return BackendChoice("cpu", "host", f"no usable GPU: {detail}")
 
 
-def resolve_backend(setting: str = "auto") -> BackendName:
-    """The backend a setting (auto | gpu | cpu) runs on: "gpu" or "cpu", decided and logged
-    once per setting; "gpu" without a usable device raises RuntimeError."""
+def resolve_backend(setting: str = "auto") -> str:
+    """The backend a setting (auto | gpu | cpu | ray) runs on: "gpu", "cpu" or "ray",
+    decided and logged once per setting; "gpu" without a usable device raises
+    RuntimeError."""
     return select_backend(setting).name
 
 
 def index_class(backend: str = "auto") -> type[CpuIndex] | type[GpuIndex]:
-    """The index class for a backend setting (auto | gpu | cpu)."""
+    """The single-process index class for a backend setting (auto | gpu | cpu)."""
     return GpuIndex if resolve_backend(backend) == "gpu" else CpuIndex
 
 
 def make_index(dim: int, metric: str = "cosine", dtype: str = "float32",
-               backend: str = "auto", **options: Any) -> VectorIndex:
-    """A GpuIndex or CpuIndex per ``resolve_backend(backend)``.
+               backend: str = "auto", *, shards: int | None = None, name: str = "",
+               cluster: ClusterOptions | None = None, **options: Any) -> VectorIndex:
+    """A GpuIndex or CpuIndex per ``resolve_backend(backend)``, or for "ray" a ShardedIndex
+    of ``shards`` actors (default ``cluster.shards``) named ``name`` in its messages.
 
     ``options`` go to the constructor (``ENGINE_OPTIONS``): ``block_bytes`` (256 MiB),
     ``block_rows`` (from block_bytes), ``scratch_bytes`` (16 MiB on the CPU, 1 GiB on the
     GPU); None means the default, so unset settings can be passed as they are.
     """
+    if resolve_backend(backend) == "ray":
+        from service.cluster.sharded import ShardedIndex
+
+        cluster = cluster or ClusterOptions()
+        return ShardedIndex(dim, metric, dtype, shards=shards or cluster.shards,
+                            timeout_s=cluster.timeout_s, name=name, **options)
     return index_class(backend)(dim, metric, dtype, **options)
 
 

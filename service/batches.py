@@ -18,6 +18,7 @@ from service.index_protocol import DTYPES, METRICS
 from service.storage import RESERVED_COLUMNS, CollectionRecord
 
 MAX_DIM = 65536
+MAX_SHARDS = 256
 # A declared vector type, kept as spelled for DESCRIBE: VECTOR(4, F16), binary(4096), BLOB.
 VECTOR_TYPE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_(), ]{0,39}$")
 
@@ -27,8 +28,8 @@ Rows = tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], Sequence[dict[str, 
 
 def new_record(name: str, dim: int, metric: str, dtype: str, columns: dict[str, str] | None,
                thumbnails: bool, vector_column: str, *, column_order: Sequence[str] | None = None,
-               vector_type: str | None = None, auto_increment: bool = False
-               ) -> CollectionRecord:
+               vector_type: str | None = None, auto_increment: bool = False,
+               shards: int | None = None) -> CollectionRecord:
     """The record of a new collection, or InvalidInput naming what is wrong. The vector
     column's type defaults to `VECTOR(dim)` (`VECTOR(dim, F16)` for float16 storage)."""
     check_name("collection", name)
@@ -43,6 +44,9 @@ def new_record(name: str, dim: int, metric: str, dtype: str, columns: dict[str, 
         raise InvalidInput(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     if dtype not in DTYPES:
         raise InvalidInput(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int)
+                               or not 1 <= shards <= MAX_SHARDS):
+        raise InvalidInput(f"shards must be an integer in 1..{MAX_SHARDS}, got {shards!r}")
     if vector_type is None:
         vector_type = f"VECTOR({int(dim)}, F16)" if dtype == "float16" else f"VECTOR({int(dim)})"
     if not isinstance(vector_type, str) or not VECTOR_TYPE_RE.fullmatch(vector_type):
@@ -66,7 +70,7 @@ def new_record(name: str, dim: int, metric: str, dtype: str, columns: dict[str, 
                                f"{column_order!r}")
         order = given
     return CollectionRecord(name, int(dim), metric, dtype, canon, bool(thumbnails),
-                            vector_column, order, vector_type, bool(auto_increment))
+                            vector_column, order, vector_type, bool(auto_increment), shards)
 
 
 def prepare_rows(rec: CollectionRecord, ids: Any, vectors: Any,

@@ -10,6 +10,8 @@ import numpy.typing as npt
 from service.auth import Access
 from service.catalog_values import Hit, QueryResult
 from service.collections import AllowFn, CollectionStore
+from service.limits import SqlLimits
+from service.settings import Settings
 from service.sql.executor import execute_script
 from service.sql.filters import filter_ids
 from service.sql.functions import register_functions
@@ -28,6 +30,15 @@ class Catalog(CollectionStore):
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Catalog:
+        """The catalog of ``settings.data_dir`` with every engine and SQL setting applied."""
+        return cls(settings.data_dir, settings.backend,
+                   duckdb_memory_limit=settings.duckdb_memory_limit,
+                   sql_limits=SqlLimits.from_settings(settings),
+                   engine_options=settings.engine_options(),
+                   cluster=settings.cluster_options())
 
     def query(self, sql: str, params: dict[str, Any] | list[Any] | None = None, *,
               access: Access = "write") -> QueryResult:

@@ -26,6 +26,7 @@ class CollectionInfo:
     column_order: list[str] = field(default_factory=list)  # id, vector, metadata, as declared
     vector_type: str = "VECTOR"
     auto_increment: bool = False
+    shards: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -34,7 +34,14 @@ console = Console()
 err = Console(stderr=True)
 
 DataDir = Annotated[Path | None, typer.Option(help="Data directory [env DOTSEARCH_DATA_DIR]")]
-Backend = Annotated[str | None, typer.Option(help="auto | gpu | cpu [env DOTSEARCH_BACKEND]")]
+Backend = Annotated[str | None, typer.Option(
+    help="auto | gpu | cpu | ray [env DOTSEARCH_BACKEND]")]
+RayAddress = Annotated[str | None, typer.Option(
+    help="ray backend: the Ray cluster to join (auto, ray://host:10001); none starts a local "
+    "Ray [env DOTSEARCH_RAY_ADDRESS]")]
+Shards = Annotated[int | None, typer.Option(
+    min=1, max=256, help="ray backend: shards per collection (default: the GPUs Ray sees, or 2) "
+    "[env DOTSEARCH_SHARDS]")]
 Weights = Annotated[str | None, typer.Option(
     help="auto | imagenet | random | PATH [env DOTSEARCH_WEIGHTS]")]
 Url = Annotated[str | None, typer.Option(
@@ -123,13 +130,9 @@ def _open_catalog(settings: Settings, tried: str | None, explicit: bool = False
 
     from service.catalog import Catalog
     from service.errors import DotsearchError
-    from service.limits import SqlLimits
 
     try:
-        catalog = Catalog(settings.data_dir, settings.backend,
-                          duckdb_memory_limit=settings.duckdb_memory_limit,
-                          sql_limits=SqlLimits.from_settings(settings),
-                          engine_options=settings.engine_options())
+        catalog = Catalog.from_settings(settings)
     except (DotsearchError, duckdb.Error) as exc:
         holder = lock_holder(exc)
         if holder is None:
@@ -159,7 +162,8 @@ def _featurizer(weights: str, batch_size: int = 32) -> Any:
 @app.command()
 def serve(host: Annotated[str | None, typer.Option(help="[env DOTSEARCH_HOST]")] = None,
           port: Annotated[int | None, typer.Option(help="[env DOTSEARCH_PORT]")] = None,
-          data_dir: DataDir = None, backend: Backend = None, weights: Weights = None) -> None:
+          data_dir: DataDir = None, backend: Backend = None, weights: Weights = None,
+          ray_address: RayAddress = None, shards: Shards = None) -> None:
     """Run the HTTP server (OpenAPI docs at /docs)."""
     import uvicorn
 
@@ -167,7 +171,7 @@ def serve(host: Annotated[str | None, typer.Option(help="[env DOTSEARCH_HOST]")]
     from service.http_server import http_protocol
 
     settings = _settings(host=host, port=port, data_dir=data_dir, backend=backend,
-                         weights=weights)
+                         weights=weights, ray_address=ray_address, shards=shards)
     _logging(settings.log_level)
     # http=: uvicorn's HTTP/1.1 protocol plus a request-head read timeout (slowloris)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,

@@ -16,13 +16,15 @@ import duckdb
 import numpy as np
 import numpy.typing as npt
 
-from service.backend import make_index, resolve_backend
+from cpu_fallback.core import IndexUnavailable
+from service.backend import ClusterOptions, make_index, resolve_backend
 from service.batches import new_record, prepare_rows
 from service.catalog_values import ID_MAX, CollectionInfo, Hit, as_id_array, as_vectors
 from service.duck_values import first_row, map_duckdb_error, quote
 from service.errors import Conflict, DotsearchError, InvalidInput, NotFound, NotReady
 from service.index_protocol import VectorIndex
 from service.limits import SqlLimits, Watch, Watchdog
+from service.shard_watch import ShardWatch
 from service.snapshots import SNAPSHOT_ATTEMPTS, ReadSnapshot, ReadWriteOrder, StaleSnapshot
 from service.storage import DEFAULT_MEMORY_LIMIT, CollectionRecord, Storage
 
@@ -88,26 +90,36 @@ class CollectionStore:
         duckdb_memory_limit: str = DEFAULT_MEMORY_LIMIT,
         sql_limits: SqlLimits | None = None,
         engine_options: Mapping[str, int | None] | None = None,
+        cluster: ClusterOptions | None = None,
     ) -> None:
         self.backend = backend
         # Decided before the database opens: a missing GPU fails first.
         self.backend_name = resolve_backend(backend)
         self.engine_options = dict(engine_options or {})
+        self.cluster = cluster or ClusterOptions()
+        if self.backend_name == "ray":
+            from service.cluster.runtime import ensure_ray
+
+            ensure_ray(self.cluster.address)
         self.sql_limits = sql_limits or SqlLimits()
         self.watchdog = Watchdog()
         self._storage = Storage(data_dir, memory_limit=duckdb_memory_limit,
                                 reopen_guard=lambda: self._order.reopen_guard())
         self._id_lock = threading.Lock()
         self._collections: dict[str, Collection] = {}
+        self._shard_watch = ShardWatch(self, self.cluster.check_s)
         try:
             self._order = ReadWriteOrder(self._storage)
             self._load()
         except BaseException:
             self._storage.close()
             raise
+        if self.backend_name == "ray":
+            self._shard_watch.start()
 
     def _make_index(self, rec: CollectionRecord) -> VectorIndex:
         return make_index(rec.dim, rec.metric, rec.dtype, backend=self.backend_name,
+                          shards=rec.shards, name=rec.name, cluster=self.cluster,
                           **self.engine_options)
 
     def _load(self) -> None:
@@ -121,8 +133,11 @@ class CollectionStore:
             log.info("loaded collection %s: %d vectors", rec.name, len(index))
 
     def close(self) -> None:
+        self._shard_watch.stop()
         with self._order.writes, self._order.indexes.write():
             self._storage.close()
+            for coll in self._collections.values():
+                coll.index.close()  # a sharded index lets its actors go
             self._collections.clear()
 
     def __enter__(self) -> Self:
@@ -166,7 +181,8 @@ class CollectionStore:
         rec = coll.record
         return CollectionInfo(rec.name, rec.dim, rec.metric, rec.dtype, dict(rec.columns),
                               len(coll.index), rec.thumbnails, rec.vector_column,
-                              list(rec.column_order), rec.vector_type, rec.auto_increment)
+                              list(rec.column_order), rec.vector_type, rec.auto_increment,
+                              rec.shards)
 
     def reader(self) -> duckdb.DuckDBPyConnection:
         """This thread's DuckDB cursor (use it in ``snapshot`` or ``reading``)."""
@@ -211,12 +227,13 @@ class CollectionStore:
         column_order: Sequence[str] | None = None,
         vector_type: str | None = None,
         auto_increment: bool = False,
+        shards: int | None = None,
     ) -> CollectionInfo:
         """A new collection; ``column_order`` (id, the vector column and the metadata
         columns, each once) is the declared order, by default that one."""
         rec = new_record(name, dim, metric, dtype, columns, thumbnails, vector_column,
                          column_order=column_order, vector_type=vector_type,
-                         auto_increment=auto_increment)
+                         auto_increment=auto_increment, shards=shards)
         with self._order.writes:
             if any(n.lower() == name.lower() for n in self._collections):
                 raise Conflict(f"collection {name!r} already exists")
@@ -229,10 +246,47 @@ class CollectionStore:
 
     def drop_collection(self, name: str) -> None:
         with self._order.writes:
-            self.collection(name)
+            coll = self.collection(name)
             with self._order.applying(layout=True):
                 del self._collections[name]
             self._storage.drop_table(name)  # commits: no lock held
+            coll.index.close()
+
+    # -- shards (the ray backend) ----------------------------------------------------------
+
+    def _writable(self, coll: Collection) -> None:
+        """NotReady, before anything is stored, when a shard of the collection is down or
+        rebuilding: a write goes to storage and then to every owning shard, or nowhere. The
+        shards are asked now (one round), not as last seen: a shard that died since the
+        last answer is found here, before the commit, and the write changes nothing."""
+        try:
+            coll.index.refresh()
+            coll.index.check_ready()
+        except IndexUnavailable as exc:
+            raise NotReady(f"{exc}; writes to {coll.record.name!r} are refused until it is "
+                           "back (nothing was changed)") from exc
+
+    def shard_states(self) -> list[tuple[str, dict[str, Any]]]:
+        """(collection, state) for every shard (the ray backend; none for one process):
+        its number, state, node, device, rows, bytes and latest answer time."""
+        return [(name, state) for name, coll in sorted(self._collections.items())
+                for state in coll.index.shard_states()]
+
+    def stale_shards(self) -> list[tuple[str, int]]:
+        """(collection, shard) for every shard that restarted and must be reloaded."""
+        out: list[tuple[str, int]] = []
+        for name, coll in list(self._collections.items()):
+            out.extend((name, shard) for shard in coll.index.refresh())
+        return out
+
+    def reload_shard(self, name: str, shard: int) -> int:
+        """Stream one shard's partition back from storage (writes to the collection wait;
+        its searches answer 503 meanwhile); returns the rows loaded."""
+        with self._order.writes:
+            coll = self._collections.get(name)
+            if coll is None:
+                return 0  # dropped or renamed meanwhile; a later check finds it again
+            return coll.index.reload_shard(shard, self._storage.iter_vectors(coll.record))
 
     # -- schema changes (SQL ALTER TABLE; names exact: the SQL layer resolves case) -------
 
@@ -306,7 +360,8 @@ class CollectionStore:
                           rec.columns if columns is None else columns, rec.thumbnails,
                           rec.vector_column if vector_column is None else vector_column,
                           column_order=rec.column_order if order is None else order,
-                          vector_type=rec.vector_type, auto_increment=rec.auto_increment)
+                          vector_type=rec.vector_type, auto_increment=rec.auto_increment,
+                          shards=rec.shards)
 
     def _alter(self, name: str, change: str, rec: CollectionRecord) -> CollectionInfo:
         """``ALTER TABLE name change`` and the new record in one transaction. Its commit and
@@ -348,6 +403,7 @@ class CollectionStore:
             rec = coll.record
             id_arr, vec_arr, metadata, thumbnails = prepare_rows(rec, ids, vectors, metadata,
                                                                  thumbnails)
+            self._writable(coll)
             if not replace:
                 present = self._storage.existing_ids(self._storage.writer, name, id_arr)
                 if len(present):
@@ -356,7 +412,7 @@ class CollectionStore:
                     )
             # The index mirrors storage: when no id is stored yet, a plain INSERT does
             # (DuckDB's INSERT OR REPLACE costs about 2.5x as much per row).
-            overwrite = replace and any(i in coll.index for i in id_arr.tolist())
+            overwrite = replace and coll.index.holds_any(id_arr)
             seq = self._order.applied_seq + 1
             self._storage.begin()
             try:
@@ -379,6 +435,10 @@ class CollectionStore:
     def _apply(self, coll: Collection, change: Any) -> None:
         try:
             change()
+        except IndexUnavailable as exc:
+            log.warning("index of %s missed a stored batch: %s", coll.record.name, exc)
+            raise NotReady(f"the batch was stored, but {exc}; the shard holds it once it is "
+                           "rebuilt from storage") from exc
         except (ValueError, TypeError, MemoryError) as exc:
             log.exception("index of %s out of sync with storage", coll.record.name)
             raise NotReady(
@@ -393,6 +453,7 @@ class CollectionStore:
             id_arr = np.unique(as_id_array(ids))
             if id_arr.size == 0:
                 return 0
+            self._writable(coll)
             seq = self._order.applied_seq + 1
             self._storage.begin()
             try:

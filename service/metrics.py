@@ -1,4 +1,5 @@
-"""Prometheus metrics: request latency by route template, batch sizes, index sizes, GPU memory."""
+"""Prometheus metrics: request latency by route template, batch sizes, index sizes, GPU memory,
+and the ray backend's shards (state, rows, latency)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ class _StateCollector(Collector):
     """Reads index sizes and GPU memory at scrape time, never on the request path."""
 
     def __init__(self, collections: Callable[[], Iterable[tuple[str, int]]],
-                 gpu_memory: Callable[[], dict[str, Any] | None]) -> None:
+                 gpu_memory: Callable[[], dict[str, Any] | None],
+                 shards: Callable[[], Iterable[tuple[str, dict[str, Any]]]]) -> None:
         self.collections = collections
         self.gpu_memory = gpu_memory
+        self.shards = shards
 
     def collect(self) -> Iterator[Metric]:
         sizes = GaugeMetricFamily("dotsearch_collection_vectors",
@@ -45,6 +48,27 @@ class _StateCollector(Collector):
         except Exception:
             log.exception("could not read GPU memory")
         yield gpu
+        yield from self._shard_metrics()
+
+    def _shard_metrics(self) -> Iterator[Metric]:
+        labels = ["collection", "shard"]
+        state = GaugeMetricFamily("dotsearch_shard_state", "1 for each shard's current state "
+                                  "(ready, loading, restarting, down, unresponsive)",
+                                  labels=[*labels, "state"])
+        rows = GaugeMetricFamily("dotsearch_shard_vectors", "Vectors held by each shard",
+                                 labels=labels)
+        latency = GaugeMetricFamily("dotsearch_shard_latency_seconds",
+                                    "Each shard's latest answer time", labels=labels)
+        try:
+            for name, shard in self.shards():
+                key = [name, str(shard.get("index"))]
+                state.add_metric([*key, str(shard.get("state"))], 1.0)
+                rows.add_metric(key, float(shard.get("rows") or 0))
+                if shard.get("last_latency_ms") is not None:
+                    latency.add_metric(key, float(shard["last_latency_ms"]) / 1000.0)
+        except Exception:
+            log.exception("could not read shard states")
+        yield from (state, rows, latency)
 
 
 class Metrics:
@@ -70,8 +94,9 @@ class Metrics:
         self.batch_rows.observe(rows)
 
     def add_state(self, collections: Callable[[], Iterable[tuple[str, int]]],
-                  gpu_memory: Callable[[], dict[str, Any] | None]) -> None:
-        self.registry.register(_StateCollector(collections, gpu_memory))
+                  gpu_memory: Callable[[], dict[str, Any] | None],
+                  shards: Callable[[], Iterable[tuple[str, dict[str, Any]]]] = tuple) -> None:
+        self.registry.register(_StateCollector(collections, gpu_memory, shards))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

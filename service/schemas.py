@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from service.batches import MAX_DIM  # the bound the catalog checks
+from service.batches import MAX_DIM, MAX_SHARDS  # the bounds the catalog checks
 from service.catalog_values import ID_MAX
 from service.duck_values import NAME_RE, TYPE_ALIASES
 from service.index_protocol import Metric, StorageDtype
@@ -164,6 +164,10 @@ class CollectionCreate(_Strict):
         default_factory=dict, examples=[{"label": "VARCHAR", "year": "BIGINT"}],
         description="metadata columns; names must differ from each other in more than case")
     thumbnails: bool = False
+    shards: Annotated[int, Field(strict=False, ge=1, le=MAX_SHARDS, examples=[4],
+                                 description="ray backend: shards for this collection "
+                                 "(default: the server's DOTSEARCH_SHARDS)"),
+                      _JSON_INT] | None = None
 
 
 class CollectionOut(BaseModel):
@@ -180,6 +184,8 @@ class CollectionOut(BaseModel):
     vector_type: str = Field(default="VECTOR", description="the vector column's declared type")
     auto_increment: bool = Field(default=False,
                                  description="the id column was declared AUTO_INCREMENT")
+    shards: int | None = Field(default=None, description="the shard count this collection "
+                               "asked for (ray backend); null: the server's")
 
 
 class CollectionList(BaseModel):

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.backend import ClusterOptions
 from service.storage import DEFAULT_MEMORY_LIMIT
 
 # The default SQL text bound, also stated in the OpenAPI schema of the SQL routes.
@@ -25,7 +26,17 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="Interface to bind")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port")
     data_dir: Path = Field(default=Path("./dotsearch-data"), description="DuckDB file and state")
-    backend: Literal["auto", "gpu", "cpu"] = Field(default="auto", description="Vector engine")
+    backend: Literal["auto", "gpu", "cpu", "ray"] = Field(
+        default="auto", description="Vector engine: auto | gpu | cpu | ray (sharded on Ray)")
+    ray_address: str | None = Field(
+        default=None, description="ray backend: a Ray cluster to join (auto, ray://host:10001); "
+        "none starts a local Ray")
+    shards: int | None = Field(default=None, ge=1, le=256, description="ray backend: shards "
+                               "per collection (default: the GPUs Ray sees, or 2)")
+    shard_timeout_s: float = Field(default=10.0, gt=0, le=600,
+                                   description="ray backend: longest a shard may take to answer")
+    shard_check_s: float = Field(default=1.0, gt=0, le=600,
+                                 description="ray backend: how often shards are checked")
     weights: str = Field(
         default="auto", description="Featurizer weights: auto | imagenet | random | <path>"
     )
@@ -62,6 +73,11 @@ class Settings(BaseSettings):
                                     description="Time a client has to send request headers")
     log_level: str = Field(default="info", description="Log level")
 
+
+    def cluster_options(self) -> ClusterOptions:
+        """The ray backend's settings."""
+        return ClusterOptions(self.ray_address, self.shards, self.shard_timeout_s,
+                              self.shard_check_s)
 
     def engine_options(self) -> dict[str, int | None]:
         """The index constructors' options (None: the engine's default)."""

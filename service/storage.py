@@ -54,9 +54,10 @@ CHECKPOINT_HEADROOM = 64 << 20
 CHECKPOINT_PAUSED = "1000000GB"
 # The catalog table's columns, in order (version 1 had the first seven).
 RECORD_FIELDS = ("name", "dim", "metric", "dtype", "columns", "thumbnails", "vector_column",
-                 "column_order", "vector_type", "auto_increment")
+                 "column_order", "vector_type", "auto_increment", "shards")
 # What version 2 added to the catalog table (a version-1 directory gains them at open).
-V2_COLUMNS = ("column_order VARCHAR", "vector_type VARCHAR", "auto_increment BOOLEAN")
+V2_COLUMNS = ("column_order VARCHAR", "vector_type VARCHAR", "auto_increment BOOLEAN",
+              "shards INTEGER")
 
 
 @dataclass
@@ -74,6 +75,7 @@ class CollectionRecord:
     column_order: list[str] = field(default_factory=list)
     vector_type: str = "VECTOR"  # the vector column's type as declared (for DESCRIBE)
     auto_increment: bool = False  # the id column was declared AUTO_INCREMENT
+    shards: int | None = None  # the ray backend's shard count for it (None: the server's)
 
     def __post_init__(self) -> None:
         if not self.column_order:
@@ -289,7 +291,8 @@ class Storage:
         rows = self.writer.execute(f"SELECT {', '.join(RECORD_FIELDS)} FROM "
                                    f"{COLLECTIONS_TABLE} ORDER BY name").fetchall()
         return [CollectionRecord(r[0], int(r[1]), r[2], r[3], json.loads(r[4]), bool(r[5]), r[6],
-                                 json.loads(r[7]), r[8], bool(r[9])) for r in rows]
+                                 json.loads(r[7]), r[8], bool(r[9]),
+                                 None if r[10] is None else int(r[10])) for r in rows]
 
     def create_table(self, rec: CollectionRecord) -> None:
         """The collection's table, its columns in declared order (thumbnails last)."""
@@ -330,7 +333,7 @@ class Storage:
     def _put_record(self, rec: CollectionRecord) -> None:
         values = [rec.name, rec.dim, rec.metric, rec.dtype, json.dumps(rec.columns),
                   rec.thumbnails, rec.vector_column, json.dumps(rec.column_order),
-                  rec.vector_type, rec.auto_increment]
+                  rec.vector_type, rec.auto_increment, rec.shards]
         self.writer.execute(f"INSERT INTO {COLLECTIONS_TABLE} ({', '.join(RECORD_FIELDS)}) "
                             f"VALUES ({', '.join('?' * len(values))})", values)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -42,3 +42,15 @@ def featurizer():
     from service.featurizer import Featurizer
 
     return Featurizer("random", device="cpu", batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """A local Ray (2 CPUs), started once for the tests that ask for it and shut down at the
+    end of the session, so no Ray process outlives the run; skipped without ray."""
+    pytest.importorskip("ray", reason="the ray backend's tests need the `cluster` extra")
+    from service.cluster import ensure_ray, shutdown_ray
+
+    ensure_ray(num_cpus=2)
+    yield
+    shutdown_ray()

@@ -1,7 +1,11 @@
-"""Test support for the index suites: backends to run, a float64 reference, an emulated GPU."""
+"""Test support for the index suites: backends to run, a float64 reference, an emulated GPU,
+and sharded indexes over a pool of Ray actors."""
 
 from __future__ import annotations
 
+import gc
+import importlib.util
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +16,7 @@ from cpu_fallback import CpuIndex
 from gpu import GpuIndex, gpu_available
 
 GPU_OK, GPU_WHY = gpu_available()
+RAY_OK = importlib.util.find_spec("ray") is not None
 
 
 class EmulatedCudaOps:
@@ -62,12 +67,70 @@ class EmulatedGpuIndex(GpuIndex):
         return EmulatedCudaOps()
 
 
+class PooledShardedIndex:
+    """ShardedIndex(dim, metric, dtype, **engine options) over a pool of Ray actors.
+
+    Starting actors takes about a second each, so the test session keeps groups of
+    ``shards`` actors and lends each new index a group no live index holds (configure
+    resets it); a group is free again once its index is garbage. Needs ``ray_cluster``.
+    """
+
+    backend = "ray"
+    needs_ray = True
+
+    def __init__(self, shards: int) -> None:
+        self.shards = shards
+        self._groups: list[list[Any]] = []
+        self._holders: list[weakref.ref[Any] | None] = []
+
+    def __call__(self, dim: int, metric: str = "cosine", dtype: str = "float32",
+                 **options: Any) -> Any:
+        from service.cluster import ShardedIndex
+
+        slot = self._free_slot()
+        index = ShardedIndex(dim, metric, dtype, actors=self._groups[slot], **options)
+        self._holders[slot] = weakref.ref(index)
+        return index
+
+    def _free_slot(self) -> int:
+        for attempt in range(2):
+            for slot, holder in enumerate(self._holders):
+                if holder is None or holder() is None:
+                    return slot
+            if attempt == 0:
+                gc.collect()  # an index in a reference cycle still holds its group
+        from service.cluster.actors import start_shard_actors
+
+        self._groups.append(start_shard_actors(self.shards).handles)
+        self._holders.append(None)
+        return len(self._groups) - 1
+
+
+RAY_POOL = PooledShardedIndex(shards=3)
+
 BACKENDS = [
     pytest.param(CpuIndex, id="cpu"),
     pytest.param(EmulatedGpuIndex, id="gpu-emulated"),
     pytest.param(GpuIndex, id="gpu", marks=[
         pytest.mark.gpu, pytest.mark.skipif(not GPU_OK, reason=f"no GPU: {GPU_WHY}")]),
+    pytest.param(RAY_POOL, id="ray", marks=pytest.mark.skipif(
+        not RAY_OK, reason="ray is not installed (the `cluster` extra)")),
 ]
+
+
+def backend_factory(request: pytest.FixtureRequest) -> Any:
+    """The ``make`` fixture's value: a backend's constructor (Ray started when it needs it)."""
+    if getattr(request.param, "needs_ray", False):
+        request.getfixturevalue("ray_cluster")
+    return request.param
+
+
+def default_scratch_bytes(index: Any) -> int:
+    """The scratch budget an index gets when none is set (a sharded one: its shards')."""
+    if index.backend == "ray":
+        shard_backend = index.memory_info()["shard_backend"]
+        return int((GpuIndex if shard_backend == "gpu" else CpuIndex).default_scratch_bytes)
+    return int(type(index).default_scratch_bytes)
 
 
 def stored_values(vectors: np.ndarray, metric: str, dtype: str) -> np.ndarray:

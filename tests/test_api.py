@@ -50,7 +50,7 @@ def test_collection_lifecycle(client):
     assert r.json() == {"name": "c", "dim": 3, "metric": "dot", "dtype": "float32",
                         "columns": {"label": "VARCHAR"}, "count": 0, "thumbnails": False,
                         "column_order": ["id", "feature", "label"], "vector_type": "VECTOR(3)",
-                        "auto_increment": False}
+                        "auto_increment": False, "shards": None}
     assert [c["name"] for c in client.get("/v1/collections").json()["collections"]] == ["c"]
     assert client.get("/v1/collections/c").json()["dim"] == 3
     assert error_of(client.post("/v1/collections", json={"name": "c", "dim": 3}), 409)

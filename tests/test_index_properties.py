@@ -9,13 +9,19 @@ from hypothesis import strategies as st
 
 from cpu_fallback import CpuIndex
 from cpu_fallback.core import METRICS, merge_range_results, merge_search_results
-from tests.index_support import BACKENDS, reference_scores, reference_search, stored_values
+from tests.index_support import (
+    BACKENDS,
+    backend_factory,
+    reference_scores,
+    reference_search,
+    stored_values,
+)
 from tests.test_index_conformance import assert_matches_reference
 
 
 @pytest.fixture(params=BACKENDS)
 def make(request):
-    return request.param
+    return backend_factory(request)
 
 
 @settings(max_examples=40, deadline=None,

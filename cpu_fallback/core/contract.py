@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
@@ -33,6 +34,14 @@ GATHER_FRACTION = 0.5
 ENGINE_OPTIONS = ("block_bytes", "block_rows", "scratch_bytes")
 
 
+class IndexUnavailable(RuntimeError):
+    """The index cannot answer now (a shard is down, restarting, rebuilding or not
+    answering); nothing was changed by the call that raised it, unless stated.
+
+    A caller answers "not ready" (HTTP 503) and tries again later: never a partial answer.
+    """
+
+
 class VectorIndex(ABC):
     """Exact (brute-force) vector index: the interface every backend implements.
 
@@ -43,10 +52,16 @@ class VectorIndex(ABC):
     Bad input raises ``ValueError`` (wrong shape, NaN/inf, zero vector under cosine,
     negative id, empty batch) or ``TypeError`` (non-numeric dtype), and leaves the index
     unchanged. ``MemoryError`` means the device could not hold the data or the scratch.
+    A distributed index (``service.cluster.ShardedIndex``) may also raise
+    ``IndexUnavailable`` from any method when a shard cannot answer.
     Not thread-safe: callers serialise writes against reads.
+
+    The shard methods at the end (``check_ready``, ``shard_states``, ``refresh``,
+    ``reload_shard``, ``close``) have one-process defaults, so callers need not ask which
+    kind of index they hold.
     """
 
-    backend: ClassVar[str]  # "cpu" or "gpu": what callers report, never guessed
+    backend: ClassVar[str]  # "cpu", "gpu" or "ray": what callers report, never guessed
     dim: int
     metric: str  # a Metric
     dtype: str  # a StorageDtype
@@ -107,3 +122,34 @@ class VectorIndex(ABC):
     @abstractmethod
     def memory_info(self) -> dict[str, Any]:
         """Sizes in bytes and rows, the backend and the device it lives on."""
+
+    # ------------------------------------------------------------------ shards
+    # One process holds every row: always ready, nothing to watch or reload.
+    def check_ready(self) -> None:
+        """IndexUnavailable naming the first shard that cannot answer; a no-op here."""
+        return None
+
+    def shard_states(self) -> list[dict[str, Any]]:
+        """Each shard's number, state, node, device, rows, bytes, latest latency; none here."""
+        return []
+
+    def refresh(self, timeout_s: float | None = None) -> list[int]:
+        """Poll the shards; the numbers of those that must be reloaded. None here."""
+        return []
+
+    def reload_shard(self, shard: int,
+                     chunks: Iterable[tuple[npt.ArrayLike, npt.ArrayLike]]) -> int:
+        """Rebuild one shard from (ids, vectors) chunks of every row; rows loaded."""
+        raise ValueError(f"a {self.backend} index has no shards to reload")
+
+    def close(self) -> None:
+        """Let go of what the index holds outside this process; a no-op here."""
+        return None
+
+    def holds_any(self, ids: npt.ArrayLike) -> bool:
+        """Whether any of ``ids`` is stored (one question per shard on a sharded index)."""
+        return any(int(i) in self for i in np.asarray(ids).reshape(-1))
+
+    def shards_touched(self, allow: npt.ArrayLike | None = None) -> tuple[int, int] | None:
+        """(shards a search under ``allow`` asks, shards in all); None for one process."""
+        return None

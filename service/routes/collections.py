@@ -22,7 +22,8 @@ def collection_out(info: Any) -> CollectionOut:
     return CollectionOut(name=info.name, dim=info.dim, metric=info.metric, dtype=info.dtype,
                          columns=dict(info.columns), count=info.count,
                          thumbnails=info.thumbnails, column_order=list(info.column_order),
-                         vector_type=info.vector_type, auto_increment=info.auto_increment)
+                         vector_type=info.vector_type, auto_increment=info.auto_increment,
+                         shards=info.shards)
 
 
 @router.get("", dependencies=READ)
@@ -36,7 +37,8 @@ async def create_collection(body: CollectionCreate, services: ServicesDep) -> Co
     """A collection has the columns id, feature (its vector) and the named metadata columns."""
     catalog = services.need_catalog()
     info = await in_thread(catalog.create_collection, body.name, body.dim, body.metric,
-                           body.dtype, body.columns, thumbnails=body.thumbnails)
+                           body.dtype, body.columns, thumbnails=body.thumbnails,
+                           shards=body.shards)
     return collection_out(info)
 
 

@@ -31,7 +31,13 @@ async def health(services: ServicesDep) -> dict[str, Any]:
         status = "starting"
     else:
         infos = await in_thread(services.catalog.list_collections)
+        shards: dict[str, list[dict[str, Any]]] = {}
+        for name, state in await in_thread(services.catalog.shard_states):
+            shards.setdefault(name, []).append(state)
         collections = [{"name": c.name, "count": c.count, "dim": c.dim} for c in infos]
+        for entry in collections:
+            if entry["name"] in shards:  # the ray backend: where each shard lives, its state
+                entry["shards"] = shards[entry["name"]]
     featurizer: dict[str, Any] = {"state": services.featurizer_state}
     if services.featurizer is not None:
         featurizer.update(services.featurizer.info())

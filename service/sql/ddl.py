@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlglot import exp
 
+from service.batches import MAX_SHARDS
 from service.catalog_values import QueryResult
 from service.errors import DotsearchError, InvalidInput
 from service.index_protocol import METRICS
@@ -91,10 +92,12 @@ def create_table(catalog: CollectionStore, stmt: exp.Create) -> QueryResult:
     if stmt.args.get("exists") and catalog.resolve(table.name) is not None:
         return _affected()
     name, dim, dtype, declared = spec.vector
+    metric, shards = _table_options(stmt)
     try:
-        catalog.create_collection(table.name, dim, _metric_option(stmt), dtype, spec.columns,
+        catalog.create_collection(table.name, dim, metric, dtype, spec.columns,
                                   vector_column=name, column_order=spec.order,
-                                  vector_type=declared, auto_increment=spec.auto_increment)
+                                  vector_type=declared, auto_increment=spec.auto_increment,
+                                  shards=shards)
     except InvalidInput as exc:
         raise error_at(exc.message, stmt) from exc
     return _affected()
@@ -188,18 +191,26 @@ def _check_key(key: exp.Expr, spec: TableSpec) -> None:
             raise error_at(f"key on unknown column {part.name!r}", key)
 
 
-def _metric_option(stmt: exp.Create) -> str:
-    """`COMMENT = 'metric=cosine'` picks the index metric; SQL-made tables default to dot."""
+def _table_options(stmt: exp.Create) -> tuple[str, int | None]:
+    """The table COMMENT's options, `COMMENT = 'metric=cosine shards=4'`: the index metric
+    (SQL-made tables default to dot, SingleStore's habit) and the ray backend's shard
+    count; other words of the comment are just a comment."""
+    metric, shards = "dot", None
     props = stmt.args.get("properties")
     for prop in props.expressions if props is not None else []:
-        if isinstance(prop, exp.SchemaCommentProperty):
-            text = prop.this.name.strip().lower().replace(" ", "")
-            if text.startswith("metric="):
-                metric = text.split("=", 1)[1]
-                if metric not in METRICS:
+        if not isinstance(prop, exp.SchemaCommentProperty):
+            continue
+        for word in prop.this.name.lower().replace(",", " ").split():
+            key, _, value = word.partition("=")
+            if key == "metric":
+                if value not in METRICS:
                     raise error_at(f"metric must be one of {', '.join(METRICS)}", prop)
-                return metric
-    return "dot"
+                metric = value
+            elif key == "shards":
+                if not value.isdigit() or not 1 <= int(value) <= MAX_SHARDS:
+                    raise error_at(f"shards must be an integer in 1..{MAX_SHARDS}", prop)
+                shards = int(value)
+    return metric, shards
 
 
 def drop_table(catalog: CollectionStore, stmt: exp.Drop) -> QueryResult:

@@ -9,10 +9,17 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 from sqlglot import exp
 
+from cpu_fallback.core import IndexUnavailable
 from service.auth import Access
 from service.catalog_values import QueryResult
 from service.duck_values import json_value, map_duckdb_error
-from service.errors import DotsearchError, QueryError, QueryResourceLimit, QueryTooLarge
+from service.errors import (
+    DotsearchError,
+    NotReady,
+    QueryError,
+    QueryResourceLimit,
+    QueryTooLarge,
+)
 from service.limits import Watch
 from service.snapshots import SNAPSHOT_ATTEMPTS, ReadSnapshot, StaleSnapshot
 from service.sql.access import authorize_script
@@ -76,6 +83,8 @@ def execute_script(catalog: CollectionStore, sql: str,
                                            session)
             except DotsearchError:
                 raise
+            except IndexUnavailable as exc:  # a shard down: 503, never a partial answer
+                raise NotReady(str(exc)) from exc
             except duckdb.Error as exc:
                 raise _duckdb_query_error(exc, stmt) from exc
             except RecursionError as exc:

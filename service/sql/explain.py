@@ -29,6 +29,9 @@ def describe_plan(catalog: CollectionStore, plans: list[ScopePlan], duckdb_sql: 
                 f"  metadata pre-filter (DuckDB -> allow-list): {plan.allowed} rows, "
                 f"selectivity {share:.2%}"
             )
+        if plan.shards is not None:
+            lines.append(f"  shards: {plan.shards[0]} of {plan.shards[1]} asked (one round, "
+                         "merged exactly on the head)")
         if plan.k is not None:
             lines.append(f"  top-k: k = {plan.k} (LIMIT + OFFSET), ties by id ascending")
         if plan.threshold is not None:

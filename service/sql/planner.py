@@ -43,6 +43,7 @@ class ScopePlan:
     k: int | None = None
     threshold: str | None = None
     candidates: int | None = None
+    shards: tuple[int, int] | None = None  # (asked, in all) on a sharded index
 
 
 def _conjuncts(where: exp.Expr | None) -> list[exp.Expr]:
@@ -215,6 +216,7 @@ def _run_driving(select: exp.Select, ctx: Context, driving: Any, mode: str,
     qnorm = float(np.linalg.norm(query.astype(np.float64)))
     allow = _allow_ids(select, ctx, table)
     plan = ScopePlan(rec.name, mode, kind, len(index), None if allow is None else len(allow))
+    plan.shards = index.shards_touched(allow)
     k = None
     if mode == "top-k":
         limit = _limit_value(select, ctx, "limit")
