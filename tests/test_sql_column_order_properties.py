@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,6 +165,23 @@ def assert_rows_equal(schema: Schema, got: QueryResult, rows: list[dict[str, Any
                 assert value == expected, (c, value, expected)
 
 
+@contextmanager
+def created(catalog: Catalog, schema: Schema) -> Iterator[str]:
+    """A fresh table of ``schema``, dropped afterwards."""
+    name = fresh_name()
+    catalog.query(schema.create(name))
+    try:
+        yield name
+    finally:
+        catalog.query(f"DROP TABLE {name}")
+
+
+def half_steps(data: st.DataObject, dim: int) -> np.ndarray:
+    """A query of multiples of 0.5: dot products with integer vectors are exact."""
+    values = data.draw(st.lists(st.integers(-6, 6), min_size=dim, max_size=dim))
+    return np.array(values, dtype=np.float32) / 2
+
+
 def vectors_of(schema: Schema, rows: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
     ids = np.array([r["id"] for r in rows], dtype=np.int64)
     vecs = np.array([r[schema.vector] for r in rows], dtype=np.float32).reshape(len(rows), -1)
@@ -183,15 +201,11 @@ def test_positional_insert_select_star_and_describe_follow_declared_order(
     catalog: Catalog, table: tuple[Schema, list[dict[str, Any]]]
 ) -> None:
     schema, rows = table
-    name = fresh_name()
-    catalog.query(schema.create(name))
-    try:
+    with created(catalog, schema) as name:
         res = catalog.query(f"INSERT INTO {name} VALUES {values_clause(schema.columns, rows)}")
         assert res.rows == [[len(rows)]]
         assert_rows_equal(schema, catalog.query(f"SELECT * FROM {name} ORDER BY id"), rows)
         assert [r[0] for r in catalog.query(f"DESCRIBE {name}").rows] == schema.names
-    finally:
-        catalog.query(f"DROP TABLE {name}")
 
 
 @SETTINGS
@@ -201,12 +215,9 @@ def test_topk_search_equals_numpy_with_ties_by_id(
 ) -> None:
     schema, rows = table
     ids, vecs = vectors_of(schema, rows)
-    q = np.array(data.draw(st.lists(st.integers(-6, 6), min_size=schema.dim,
-                                    max_size=schema.dim)), dtype=np.float32) / 2
+    q = half_steps(data, schema.dim)
     k = data.draw(st.integers(1, len(rows) + 2))
-    name = fresh_name()
-    catalog.query(schema.create(name))
-    try:
+    with created(catalog, schema) as name:
         catalog.query(f"INSERT INTO {name} VALUES {values_clause(schema.columns, rows)}")
         res = catalog.query(f"SELECT id, {schema.vector} <*> :q AS score FROM {name} "
                             f"ORDER BY score DESC LIMIT {k}", {"q": q.tolist()})
@@ -215,8 +226,6 @@ def test_topk_search_equals_numpy_with_ties_by_id(
         order = np.lexsort((ids, -scores))[:k]
         assert [r[0] for r in res.rows] == ids[order].tolist()
         np.testing.assert_allclose([r[1] for r in res.rows], scores[order], rtol=0, atol=1e-5)
-    finally:
-        catalog.query(f"DROP TABLE {name}")
 
 
 @SETTINGS
@@ -226,15 +235,12 @@ def test_range_with_score_alias_in_where_equals_numpy(
 ) -> None:
     schema, rows = table
     ids, vecs = vectors_of(schema, rows)
-    q = np.array(data.draw(st.lists(st.integers(-6, 6), min_size=schema.dim,
-                                    max_size=schema.dim)), dtype=np.float32) / 2
+    q = half_steps(data, schema.dim)
     scores = vecs.astype(np.float64) @ q.astype(np.float64)
     # Thresholds at an exact score test the strict `>`; the others fall anywhere.
     th = data.draw(st.sampled_from(sorted(set(scores.tolist())))
                    | st.integers(-80, 80).map(lambda v: v / 4))
-    name = fresh_name()
-    catalog.query(schema.create(name))
-    try:
+    with created(catalog, schema) as name:
         catalog.query(f"INSERT INTO {name} VALUES {values_clause(schema.columns, rows)}")
         res = catalog.query(f"SELECT id, {schema.vector} <*> :q AS score FROM {name} "
                             "WHERE score > :th ORDER BY id", {"q": q.tolist(), "th": th})
@@ -243,8 +249,6 @@ def test_range_with_score_alias_in_where_equals_numpy(
         assert [r[0] for r in res.rows] == ids[keep][order].tolist()
         np.testing.assert_allclose([r[1] for r in res.rows], scores[keep][order],
                                    rtol=0, atol=1e-5)
-    finally:
-        catalog.query(f"DROP TABLE {name}")
 
 
 @SETTINGS
@@ -260,15 +264,11 @@ def test_named_insert_in_any_column_order_round_trips(
     listed = data.draw(st.permutations(required + chosen))
     written = [{c.name: (row[c.name] if c in listed else None) for c in schema.columns}
                for row in rows]
-    name = fresh_name()
-    catalog.query(schema.create(name))
-    try:
+    with created(catalog, schema) as name:
         cols = ", ".join(c.name for c in listed)
         res = catalog.query(f"INSERT INTO {name} ({cols}) VALUES {values_clause(listed, rows)}")
         assert res.rows == [[len(rows)]]
         assert_rows_equal(schema, catalog.query(f"SELECT * FROM {name} ORDER BY id"), written)
-    finally:
-        catalog.query(f"DROP TABLE {name}")
 
 
 @SETTINGS
