@@ -289,3 +289,21 @@ def test_variables_are_bounded(tmp_path: Path) -> None:
         assert err["error"] == "query_resource_limit"
         many = "; ".join(f"SET @v{i} = {i}" for i in range(257))
         assert "at most 256 variables" in sql(c, many, status=400)["message"]
+
+
+def test_an_alias_with_a_positional_parameter_is_one_parameter(comments: TestClient) -> None:
+    got = sql(comments, "SELECT id, comment_embedding <*> ? AS score FROM comments "
+                        "WHERE score > ? ORDER BY id", [QUERY_VEC, 0.7])
+    assert [r[0] for r in got["rows"]] == sorted(i for i, s in dots(QUERY_VEC).items()
+                                                  if s > 0.7)
+    plan = sql(comments, "EXPLAIN SELECT id, comment_embedding <*> ? AS score FROM comments "
+                         "WHERE score > ?", [QUERY_VEC, 0.7])
+    assert "exact range" in plan["explain"]
+
+
+def test_alias_copies_are_bounded(comments: TestClient) -> None:
+    """An alias of a big expression used thousands of times would copy it each time."""
+    big = "GREATEST(" + ", ".join(["id"] * 400) + ")"
+    uses = " OR ".join(["s = 1"] * 1000)
+    err = sql(comments, f"SELECT {big} AS s FROM comments WHERE {uses}", status=400)
+    assert err["error"] == "query_too_large" and "aliases" in err["message"]

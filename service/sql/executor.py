@@ -152,12 +152,14 @@ def _new_context(catalog: CollectionStore, watch: Watch | None, session: Session
 
 
 def prepare_query(stmt: exp.Expr, ctx: Context, params: Any, positional: list[int]) -> None:
-    """Names as SingleStore resolves them (`*`, aliases), then the bound values."""
+    """Outputs named as written, values bound, then names as SingleStore resolves them
+    (`*`, aliases): an alias copied into WHERE shares its bound values (a `?` in it is
+    still one parameter, and the copy equals the projection for the planner)."""
+    name_outputs(stmt)
+    bind_parameters(stmt, params, ctx, positional)
     resolver = Resolver(stmt, ctx.catalog, ctx)
     expand_stars(stmt, resolver)
     expand_aliases(stmt, resolver)
-    name_outputs(stmt)
-    bind_parameters(stmt, params, ctx, positional)
 
 
 def execute_statement(catalog: CollectionStore, stmt: exp.Expr, params: Any,

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from sqlglot import exp
 
+from service.errors import QueryTooLarge
 from service.sql.casts import cast_target
 from service.sql.dialect import DIALECT
 
@@ -18,6 +19,9 @@ if TYPE_CHECKING:
     from service.storage import CollectionRecord
 
 MAX_NESTING = 64  # CTEs over CTEs: deeper than any real query, and never a loop
+# What resolving names may add to a statement (expanded `*` columns, copied alias nodes):
+# the SQL text bounds its tokens, and this bounds what an alias used 10,000 times can grow to.
+MAX_ADDED_NODES = 200_000
 
 
 @dataclass(frozen=True)
@@ -158,8 +162,14 @@ def _scopes(stmt: exp.Expr) -> list[exp.Select]:
     return [s for s in stmt.find_all(exp.Select) if not s.meta.get("ds_internal")]
 
 
+def _too_large(what: str) -> QueryTooLarge:
+    return QueryTooLarge(f"{what} would add more than {MAX_ADDED_NODES} nodes to the "
+                         "statement; write the expressions out, or split the query")
+
+
 def expand_stars(stmt: exp.Expr, resolver: Resolver) -> None:
     """`*` and `t.*` become the sources' columns, in declared order (without `_thumbnail`)."""
+    added = 0
     for select in _scopes(stmt):
         projections: list[exp.Expr] = []
         changed = False
@@ -169,6 +179,9 @@ def expand_stars(stmt: exp.Expr, resolver: Resolver) -> None:
                 projections.append(proj)
                 continue
             changed = True
+            added += len(expanded)
+            if added > MAX_ADDED_NODES:
+                raise _too_large("expanding `*`")
             projections.extend(exp.column(exp.to_identifier(out.name, quoted=True),
                                           table=exp.to_identifier(alias, quoted=True))
                                for alias, out in expanded)
@@ -183,6 +196,7 @@ ATOMIC = (exp.Column, exp.Func, exp.Literal, exp.Placeholder, exp.Parameter, exp
 def expand_aliases(stmt: exp.Expr, resolver: Resolver) -> None:
     """A select-list alias used in WHERE, GROUP BY or HAVING stands for its expression (as in
     SingleStore and MySQL), unless a source has a column of that name, which wins."""
+    added = 0
     for select in _scopes(stmt):
         aliases = {p.alias.lower(): p.this for p in select.expressions
                    if isinstance(p, exp.Alias) and p.alias}
@@ -203,6 +217,9 @@ def expand_aliases(stmt: exp.Expr, resolver: Resolver) -> None:
                 target = aliases[name]
                 if clause == "where" and target.find(exp.AggFunc, exp.Window):
                     continue  # an aggregate cannot filter rows: DuckDB says so in its words
+                added += sum(1 for _ in target.walk())
+                if added > MAX_ADDED_NODES:
+                    raise _too_large("the select-list aliases used in WHERE, GROUP BY and HAVING")
                 copy = target.copy()
                 column.replace(copy if isinstance(copy, ATOMIC) else exp.Paren(this=copy))
 
