@@ -22,14 +22,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(data_dir: Path, port: int, log: Path,
-                 cwd: Path | None = None) -> subprocess.Popen[bytes]:
-    """`dotsearch serve --weights random --backend cpu` on 127.0.0.1:port, output to log."""
+def start_server(data_dir: Path, port: int, log: Path, cwd: Path | None = None,
+                 *flags: str) -> subprocess.Popen[bytes]:
+    """`dotsearch serve --weights random --backend cpu [flags]` on 127.0.0.1:port, output
+    to log (a later `--backend` in ``flags`` wins)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DOTSEARCH_")}
     exe = Path(sys.executable).with_name("dotsearch")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "service.cli"]
     cmd += ["serve", "--host", "127.0.0.1", "--port", str(port), "--weights", "random",
-            "--backend", "cpu", "--data-dir", str(data_dir)]
+            "--backend", "cpu", "--data-dir", str(data_dir), *flags]
     with log.open("ab") as out:
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -18,6 +19,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.catalog import Catalog
 from service.settings import Settings
+from tests.serve_support import free_port, start_server, stop_server, wait_ready
 
 ray = pytest.importorskip("ray")
 
@@ -254,3 +256,26 @@ def test_writes_with_a_shard_down_are_refused_and_change_nothing(
         assert r.status_code == 200, r.text
         r = client.post("/v1/collections/t/search", json={"vector": [1] * D, "k": 1})
         assert r.status_code == 200 and len(_index(app.state.services.catalog, "t")) == N + 1
+
+
+def test_serve_with_the_ray_backend_stops_gracefully(tmp_path: Path) -> None:
+    """`dotsearch serve --backend ray`: a real server answers, and SIGTERM still finishes
+    gracefully (Ray's own SIGTERM handler, which exits at once, is not left in place)."""
+    port, log = free_port(), tmp_path / "server.log"
+    base = f"http://127.0.0.1:{port}"
+    proc = start_server(tmp_path / "data", port, log, None, "--backend", "ray", "--shards", "2")
+    try:
+        health = wait_ready(base, proc, log)
+        assert health["backend"] == "ray"
+        assert httpx.post(f"{base}/v1/collections", json={"name": "t", "dim": 2}).status_code == 201
+        r = httpx.post(f"{base}/v1/collections/t/vectors", json={"vectors": [[1, 0], [0, 1]]})
+        assert r.status_code == 200
+        hits = httpx.post(f"{base}/v1/collections/t/search", json={"vector": [1, 0.1], "k": 1})
+        assert hits.json()["results"][0]["id"] == 0
+        shards = httpx.get(f"{base}/health").json()["collections"][0]["shards"]
+        assert len(shards) == 2 and {s["state"] for s in shards} == {"ready"}
+    finally:
+        stop_server(proc)
+    # uvicorn re-raises SIGTERM once it has shut down gracefully: -15 is a clean stop here.
+    assert proc.returncode in (0, -15), log.read_text()
+    assert "storage closed" in log.read_text() and "Finished server process" in log.read_text()

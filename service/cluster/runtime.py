@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 from types import ModuleType
 from typing import Any
@@ -40,7 +41,26 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
             options.update(num_cpus=num_cpus, include_dashboard=False)
         else:
             options["address"] = address
-        ray.init(**options)
+        kept = _signal_handlers()
+        try:
+            ray.init(**options)
+        finally:
+            _restore(kept)
+
+
+def _signal_handlers() -> dict[int, Any]:
+    """SIGTERM's and SIGINT's handlers, when this is the main thread (else none)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore(handlers: dict[int, Any]) -> None:
+    """``ray.init`` installs its own SIGTERM handler (exit at once); the server's own (finish
+    the requests in flight, then close storage) must stay."""
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
 
 
 def cluster_gpus() -> int:
