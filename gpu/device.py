@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
+import threading
 from typing import Any
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
+# Host -> device uploads larger than this go through two pinned staging buffers of this
+# size, in turn: filling one overlaps the other's copy, and pinned host memory stays
+# bounded (CuPy's own asarray pins a buffer as large as the whole array, and its pool
+# keeps it).
+STAGING_BYTES = 8 << 20
 
+
+@functools.cache
 def gpu_available() -> tuple[bool, str]:
-    """(True, device name) when CuPy imports and sees a CUDA device, else (False, why)."""
+    """(True, device name) when the whole GPU path works here, else (False, why).
+
+    Counting devices is not enough: cuBLAS may be missing (CuPy loads it lazily), torch
+    may be a CPU build or see no device, or a kernel may not run on this architecture,
+    and backend "auto" would then pick the GPU and fail at the first search. So this
+    imports cuBLAS, asks torch, and runs a one-element float16 and float32 GEMM and a
+    top-k through DLPack. Cached: the answer does not change within a process.
+    """
     try:
         import cupy
     except Exception as exc:  # ImportError, or a broken CUDA install
@@ -24,8 +41,82 @@ def gpu_available() -> tuple[bool, str]:
     if count == 0:
         return False, "CuPy sees no CUDA device (device count 0)"
     props = cupy.cuda.runtime.getDeviceProperties(0)
-    name = props["name"]
-    return True, name.decode() if isinstance(name, bytes) else str(name)
+    raw_name = props["name"]
+    name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
+    try:
+        importlib.import_module("cupy_backends.cuda.libs.cublas")
+    except Exception as exc:  # ImportError: libcublas.so not found
+        return False, f"cuBLAS is not loadable on {name} ({exc.__class__.__name__}: {exc}); "\
+            "install the CUDA libraries (cupy-cuda13x[ctk])"
+    try:
+        import torch
+    except Exception as exc:
+        return False, f"torch is not importable ({exc.__class__.__name__}: {exc})"
+    if not torch.cuda.is_available():
+        return False, f"torch sees no CUDA device (torch {torch.__version__}, "\
+            f"CUDA build {torch.version.cuda})"
+    try:
+        _probe(name)
+    except Exception as exc:
+        return False, f"the GPU probe (one-element GEMM and top-k) failed on {name} "\
+            f"({exc.__class__.__name__}: {exc})"
+    return True, name
+
+
+def _probe(name: str) -> None:
+    """One-element float16 and float32 gemmEx, and torch.topk through DLPack, checked."""
+    ops = CudaOps.unchecked(name)
+    xp = ops.xp
+    for dtype in (np.float16, np.float32):
+        out = xp.zeros((1, 1), dtype=np.float32)
+        ops.scores(xp.full((1, 1), 2, dtype=dtype), xp.full((1, 1), 3, dtype=dtype), out)
+        got = float(ops.to_host(out)[0, 0])
+        if got != 6.0:
+            raise RuntimeError(f"{np.dtype(dtype).name} GEMM gave {got}, not 6")
+    values, cols = ops.top_k(ops.to_device(np.array([[1.0, 5.0]], np.float32)), 1)
+    got_top = (float(ops.to_host(values)[0, 0]), int(ops.to_host(cols)[0, 0]))
+    if got_top != (5.0, 1):
+        raise RuntimeError(f"top-k gave {got_top}, not (5.0, 1)")
+
+
+class _PinnedStaging:
+    """Two pinned host buffers shared by every upload in the process (a lock serialises
+    them); created on first use. If pinning fails, uploads fall back to CuPy's own."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buffers: list[Any] | None = None
+        self._ready: list[Any] = [None, None]  # per buffer: event of its last copy
+        self.disabled = False
+
+    def upload(self, xp: Any, host: np.ndarray) -> Any:
+        """host (C-contiguous) copied into a new device array, in staged chunks."""
+        with self._lock:
+            if self._buffers is None and not self.disabled:
+                try:
+                    self._buffers = [xp.cuda.alloc_pinned_memory(STAGING_BYTES)
+                                     for _ in range(2)]
+                except Exception as exc:  # CUDARuntimeError: host memory cannot be pinned
+                    self.disabled = True
+                    log.warning("pinned staging unavailable (%s): uploads go unstaged", exc)
+            if self._buffers is None:
+                return xp.asarray(host)
+            out = xp.empty(host.shape, host.dtype)
+            source = host.reshape(-1).view(np.uint8)
+            stream = xp.cuda.get_current_stream()
+            for i, start in enumerate(range(0, source.nbytes, STAGING_BYTES)):
+                n = min(STAGING_BYTES, source.nbytes - start)
+                slot = i % 2
+                if self._ready[slot] is not None:  # its previous copy must be done
+                    self._ready[slot].synchronize()
+                buffer = self._buffers[slot]
+                np.frombuffer(buffer, np.uint8, n)[:] = source[start:start + n]
+                (out.data + start).copy_from_host_async(buffer.ptr, n, stream)
+                self._ready[slot] = stream.record()
+            return out
+
+
+_STAGING = _PinnedStaging()
 
 
 class CudaOps:
@@ -35,12 +126,22 @@ class CudaOps:
         ok, why = gpu_available()
         if not ok:
             raise RuntimeError(f"GPU backend unavailable: {why}")
+        self._open(why)
+
+    @classmethod
+    def unchecked(cls, name: str) -> CudaOps:
+        """CudaOps without asking gpu_available first (its probe uses this)."""
+        ops = cls.__new__(cls)
+        ops._open(name)
+        return ops
+
+    def _open(self, name: str) -> None:
         import cupy
         import torch
         from cupy_backends.cuda.libs import cublas
 
         self.xp: Any = cupy
-        self.name = why
+        self.name = name
         self._cublas = cublas
         self._torch = torch
         self._one = np.array(1.0, np.float32)
@@ -82,7 +183,10 @@ class CudaOps:
         )
 
     def top_k(self, keys: Any, k: int) -> tuple[Any, Any]:
-        """Largest k per row of keys (q, n), sorted descending: (values, column indices)."""
+        """Largest k per row of keys (q, n), sorted descending: (values, column indices).
+
+        torch.topk ranks NaN above every number; GpuIndex never lets a NaN key through.
+        """
         tensor = self._torch.from_dlpack(keys)
         values, indices = self._torch.topk(tensor, k, dim=1, largest=True, sorted=True)
         return self.xp.from_dlpack(values), self.xp.from_dlpack(indices)
@@ -95,7 +199,10 @@ class CudaOps:
         return self.xp.asnumpy(array)
 
     def to_device(self, array: np.ndarray) -> Any:
-        return self.xp.asarray(array)
+        host = np.ascontiguousarray(array)
+        if host.nbytes <= STAGING_BYTES:
+            return self.xp.asarray(host)
+        return _STAGING.upload(self.xp, host)
 
     def memory(self) -> dict[str, int]:
         free, total = self.xp.cuda.runtime.memGetInfo()

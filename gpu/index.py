@@ -15,15 +15,21 @@ from cpu_fallback.core import (
     BlockedIndex,
     BlockRun,
     FloatArray,
+    IdArray,
     split_by_block,
-    top_k_exact,
 )
 from gpu.device import CudaOps
 
 # The first block starts this small and grows to a full block by doubling.
 MIN_BLOCK_ROWS = 1024
-# Scratch per score: the float32 score, the comparison mask, top-k's own buffers.
+# Scratch per score in a search: the float32 key, the tie count's mask, top-k's own buffers.
 SCRATCH_BYTES_PER_SCORE = 6
+# A range search filters each key tile whole: the key (4) and three masks (passes, not
+# masked, both: 1 each); under l2 also the distances (4 while computed, 4 kept), next to
+# the previous tile's, which the shared loop holds until they are replaced (4).
+RANGE_SCRATCH_BYTES_PER_SCORE = {"dot": 7, "cosine": 7, "l2": 16}
+# Each column of a tile also holds its int64 id.
+SCRATCH_BYTES_PER_COLUMN = 8
 
 
 @dataclass
@@ -34,6 +40,16 @@ class _Run:
     rows: int
     local: Any | None  # device int64 row offsets (gathered subset) or None
     dropped: Any | None  # device int64 offsets of the block's disallowed rows, or None
+
+
+@dataclass
+class _Tiles:
+    """A search's key tiles: its runs grouped into tiles, and one buffer they all use."""
+
+    runs: list[_Run]
+    groups: list[list[_Run]]
+    keys: Any  # flat float32: the first (widest) query chunk times the widest group
+    ids: Any  # int64, the widest group
 
 
 class GpuIndex(BlockedIndex):
@@ -53,12 +69,16 @@ class GpuIndex(BlockedIndex):
 
     _ops: Any
     _block_ids: list[Any]  # device int64 per block, gathered into results on the device
+    _per_score: int  # scratch bytes per score of the search under way
+    _tiles: _Tiles | None  # the search under way's tile buffer
 
     # ------------------------------------------------------------------ device
     def _open_device(self) -> None:
         self._ops = self._device_ops()
         self._xp = self._ops.xp
         self._block_ids = []
+        self._per_score = SCRATCH_BYTES_PER_SCORE
+        self._tiles = None
 
     def _device_ops(self) -> Any:
         """The CUDA operations (CuPy, cuBLAS, torch.topk); tests put an emulated device here."""
@@ -66,7 +86,8 @@ class GpuIndex(BlockedIndex):
 
     @contextmanager
     def _guard(self, doing: str) -> Iterator[None]:
-        """Turn the device's out-of-memory errors into a MemoryError that says what to do."""
+        """Turn the device's out-of-memory errors into a MemoryError that says what to do;
+        a search's tile buffer lives until here."""
         try:
             yield
         except self._ops.out_of_memory as exc:
@@ -74,6 +95,8 @@ class GpuIndex(BlockedIndex):
                 f"GPU out of memory while {doing} (scratch budget "
                 f"{self._scratch_bytes >> 20} MiB): free device memory, lower scratch_bytes, "
                 "or store float16") from exc
+        finally:
+            self._tiles = None
 
     def _device_info(self) -> dict[str, Any]:
         return {"device": self._ops.name, **self._ops.memory()}
@@ -89,43 +112,92 @@ class GpuIndex(BlockedIndex):
         return index if isinstance(index, slice) else self._ops.to_device(index)
 
     def _upload_queries(self, host_chunk: FloatArray) -> Any:
-        return self._ops.to_device(host_chunk.astype(self._storage))
+        # float16 storage is scored by a float16 GEMM (tensor cores, float32 accumulation),
+        # so queries are cast to float16 as well. A value past float16's range would become
+        # inf and its scores NaN (which torch.topk ranks first): such queries are refused,
+        # as stored vectors are, rather than answered wrongly. (Scoring them in float32
+        # would need a float32 copy of every block.)
+        with np.errstate(over="ignore"):  # reported just below
+            cast = host_chunk.astype(self._storage)
+        if not np.isfinite(cast).all():
+            raise ValueError(f"queries overflow {self._storage.name} storage (largest "
+                             f"magnitude {float(np.finfo(self._storage).max):g}): scale "
+                             "them down, or store float32")
+        return self._ops.to_device(cast)
+
+    def range_search(
+        self,
+        queries: npt.ArrayLike,
+        threshold: float,
+        allow: npt.ArrayLike | None = None,
+        max_results: int | None = None,
+    ) -> tuple[IdArray, FloatArray, IdArray, IdArray]:
+        # The shared loop filters whole key tiles, which takes more scratch per score than
+        # a top-k does: its tiles (and query chunks) are sized for that.
+        self._per_score = RANGE_SCRATCH_BYTES_PER_SCORE[self.metric]
+        try:
+            return super().range_search(queries, threshold, allow, max_results)
+        finally:
+            self._per_score = SCRATCH_BYTES_PER_SCORE
 
     # ------------------------------------------------------------------ storage
     def _reserve(self, rows: int) -> None:
         """Room for ``rows`` rows. Every block but the last holds block_rows; the last one
         grows by doubling, so a small collection does not pin a whole block of device
-        memory and growth copies at most one block."""
+        memory and growth copies at most one block.
+
+        All or nothing: a block's three arrays are allocated before any is stored, and
+        running out of memory part way (a later block of a large add) undoes this call's
+        blocks, so the lists still line up and the index is as it was.
+        """
+        saved = list(self._blocks), list(self._block_ids), list(self._block_sq_norms)
+        try:
+            while sum(len(block) for block in self._blocks) < rows:
+                last = self._blocks[-1] if self._blocks else None
+                if last is not None and len(last) < self._block_rows:
+                    need = rows - (len(self._blocks) - 1) * self._block_rows
+                    grown = self._new_block(min(self._block_rows, max(need, 2 * len(last))))
+                    for new, old in zip(grown, (last, self._block_ids[-1],
+                                                self._block_sq_norms[-1]), strict=True):
+                        new[: len(old)] = old
+                    self._blocks[-1], self._block_ids[-1], self._block_sq_norms[-1] = grown
+                else:
+                    need = rows - len(self._blocks) * self._block_rows
+                    block, ids, sq_norms = self._new_block(
+                        min(self._block_rows, max(need, MIN_BLOCK_ROWS)))
+                    self._blocks.append(block)
+                    self._block_ids.append(ids)
+                    self._block_sq_norms.append(sq_norms)
+        except BaseException:
+            self._blocks[:], self._block_ids[:], self._block_sq_norms[:] = saved
+            raise
+
+    def _new_block(self, size: int) -> tuple[Any, Any, Any]:
+        """Vectors, ids (-1: none) and squared norms for a block of ``size`` rows."""
         xp = self._xp
-        while sum(len(block) for block in self._blocks) < rows:
-            last = self._blocks[-1] if self._blocks else None
-            if last is not None and len(last) < self._block_rows:
-                need = rows - (len(self._blocks) - 1) * self._block_rows
-                size = min(self._block_rows, max(need, 2 * len(last)))
-                grown = (xp.empty((size, self.dim), dtype=self._storage),
-                         xp.full(size, -1, dtype=np.int64), xp.zeros(size, dtype=np.float32))
-                for new, old in zip(grown, (last, self._block_ids[-1], self._block_sq_norms[-1]),
-                                    strict=True):
-                    new[: len(old)] = old
-                self._blocks[-1], self._block_ids[-1], self._block_sq_norms[-1] = grown
-            else:
-                need = rows - len(self._blocks) * self._block_rows
-                size = min(self._block_rows, max(need, MIN_BLOCK_ROWS))
-                self._blocks.append(xp.empty((size, self.dim), dtype=self._storage))
-                self._block_ids.append(xp.full(size, -1, dtype=np.int64))
-                self._block_sq_norms.append(xp.zeros(size, dtype=np.float32))
+        return (xp.empty((size, self.dim), dtype=self._storage),
+                xp.full(size, -1, dtype=np.int64), xp.zeros(size, dtype=np.float32))
 
     def _write_rows(self, positions: npt.NDArray[np.int64], ids: npt.NDArray[np.int64],
                     rows: np.ndarray) -> None:
+        # Everything is uploaded and computed before the first write, so that running out
+        # of memory part way leaves the rows as they were (an upsert or a remove's
+        # compaction overwrites rows that searches see).
         device_rows = self._ops.to_device(rows)
+        writes = []
         for b, offsets, where in split_by_block(positions, self._block_rows):
-            offsets_dev = self._device_index(offsets)
             block_rows = device_rows[self._device_index(where)]
-            self._blocks[b][offsets_dev] = block_rows
-            self._block_ids[b][offsets_dev] = self._ops.to_device(ids[where])
+            sq_norms = None
             if self.metric == "l2":
                 as32 = block_rows.astype(np.float32)
-                self._block_sq_norms[b][offsets_dev] = (as32 * as32).sum(axis=1)
+                sq_norms = (as32 * as32).sum(axis=1)
+            writes.append((b, self._device_index(offsets), block_rows,
+                           self._ops.to_device(ids[where]), sq_norms))
+        for b, offsets_dev, block_rows, block_ids, sq_norms in writes:
+            self._blocks[b][offsets_dev] = block_rows
+            self._block_ids[b][offsets_dev] = block_ids
+            if sq_norms is not None:
+                self._block_sq_norms[b][offsets_dev] = sq_norms
 
     def _drop_blocks(self, keep: int) -> None:
         super()._drop_blocks(keep)
@@ -133,9 +205,9 @@ class GpuIndex(BlockedIndex):
 
     # ------------------------------------------------------------------ scoring
     def _queries_per_chunk(self, nq: int) -> int:
-        # A chunk's scores over one whole block must fit the scratch budget.
-        per_query = SCRATCH_BYTES_PER_SCORE * min(self._block_rows, max(len(self._rows), 1))
-        return self._scratch_bytes // per_query
+        # A chunk's scores over one whole block (and the block's ids) must fit the budget.
+        cols = min(self._block_rows, max(len(self._rows), 1))
+        return (self._scratch_bytes - SCRATCH_BYTES_PER_COLUMN * cols) // (self._per_score * cols)
 
     def _prepare_run(self, plan: BlockRun) -> _Run:
         if plan.local is None:
@@ -147,22 +219,33 @@ class GpuIndex(BlockedIndex):
 
     def _key_tiles(self, chunk: Any, runs: list[_Run]) -> Iterator[tuple[Any, Any]]:
         """(keys, ids) on the device: keys (q, cols) over as many whole runs as the
-        scratch budget holds, higher is closer; ids (cols,). One top-k covers them all."""
-        budget_cols = max(1, self._scratch_bytes // (SCRATCH_BYTES_PER_SCORE * len(chunk)))
-        group: list[_Run] = []
-        for run in runs:
-            if group and sum(r.rows for r in group) + run.rows > budget_cols:
-                yield self._score_runs(chunk, group)
-                group = []
-            group.append(run)
-        if group:
-            yield self._score_runs(chunk, group)
+        scratch budget holds, higher is closer; ids (cols,). One top-k covers them all.
 
-    def _score_runs(self, chunk: Any, group: list[_Run]) -> tuple[Any, Any]:
-        xp = self._xp
+        Every tile of a search is a view of one buffer, sized at its first (widest) query
+        chunk, so a new tile is never allocated beside the one the caller still holds."""
+        if not runs:
+            return
+        tiles = self._tiles
+        if tiles is None or tiles.runs is not runs:
+            budget_cols = max(1, self._scratch_bytes // (self._per_score * len(chunk)
+                                                         + SCRATCH_BYTES_PER_COLUMN))
+            groups: list[list[_Run]] = [[]]
+            for run in runs:
+                if groups[-1] and sum(r.rows for r in groups[-1]) + run.rows > budget_cols:
+                    groups.append([])
+                groups[-1].append(run)
+            width = max(sum(r.rows for r in group) for group in groups)
+            xp = self._xp
+            tiles = self._tiles = _Tiles(runs, groups,
+                                         xp.empty(len(chunk) * width, dtype=np.float32),
+                                         xp.empty(width, dtype=np.int64))
+        for group in tiles.groups:
+            yield self._score_runs(chunk, group, tiles)
+
+    def _score_runs(self, chunk: Any, group: list[_Run], tiles: _Tiles) -> tuple[Any, Any]:
         width = sum(run.rows for run in group)
-        keys = xp.empty((len(chunk), width), dtype=np.float32)
-        ids = xp.empty(width, dtype=np.int64)
+        keys = tiles.keys[: len(chunk) * width].reshape(len(chunk), width)
+        ids = tiles.ids[:width]
         c0 = 0
         for run in group:
             rows = slice(0, run.rows) if run.local is None else run.local
@@ -193,14 +276,26 @@ class GpuIndex(BlockedIndex):
         values, cols = self._ops.top_k(keys, width)
         top_ids = ids[cols] if ids.ndim == 1 else xp.take_along_axis(ids, cols, axis=1)
         kth = values[:, -1]
-        # topk picks arbitrarily among keys equal to the k-th; rows where such a tie
-        # straddles the boundary are rare and settled exactly on the host.
+        # topk picks arbitrarily among keys equal to the k-th: in rows where such a tie
+        # straddles the boundary (rare), the slots holding the k-th key go to the smallest
+        # of the tied ids. Only those ids travel to the host and back.
         straddling = (self._ops.count_at_least(keys, kth) > width) & (kth > -np.inf)
         rows = xp.nonzero(straddling)[0]
         if len(rows):
-            row_keys = self._ops.to_host(keys[rows])
-            row_ids = self._ops.to_host(ids if ids.ndim == 1 else ids[rows])
-            fixed_keys, fixed_ids = top_k_exact(row_keys, row_ids, width)
-            values[rows] = self._ops.to_device(fixed_keys)
-            top_ids[rows] = self._ops.to_device(fixed_ids)
+            # Tied keys of straddling rows only (NaN compares false elsewhere).
+            bound = xp.where(straddling, kth, np.float32(np.nan))
+            tie_rows, tie_cols = xp.nonzero(keys == bound[:, None])
+            tied = ids[tie_cols] if ids.ndim == 1 else ids[tie_rows, tie_cols]
+            tie_rows, tied = self._to_host(tie_rows), self._to_host(tied)
+            slots = self._to_host((values[rows] == kth[rows][:, None]).sum(axis=1))
+            rows = self._to_host(rows)
+            order = np.lexsort((tied, tie_rows))
+            tie_rows, tied = tie_rows[order], tied[order]
+            # Row r's last slots[r] places take its slots[r] smallest tied ids.
+            within = np.arange(slots.sum()) - np.repeat(np.cumsum(slots) - slots, slots)
+            fix_rows = np.repeat(rows, slots)
+            fix_cols = np.repeat(width - slots, slots) + within
+            fix_ids = tied[np.repeat(np.searchsorted(tie_rows, rows), slots) + within]
+            top_ids[self._device_index(fix_rows), self._device_index(fix_cols)] = \
+                self._to_device(fix_ids)
         return values, top_ids

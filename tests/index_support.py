@@ -19,28 +19,55 @@ GPU_OK, GPU_WHY = gpu_available()
 RAY_OK = importlib.util.find_spec("ray") is not None
 
 
+class EmulatedOutOfMemoryError(Exception):
+    """The emulated device's out-of-memory error (what CuPy's OutOfMemoryError stands for)."""
+
+
 class EmulatedCudaOps:
     """numpy stand-in for gpu.device.CudaOps, so GpuIndex's logic runs in CI without a GPU.
 
-    It mirrors the device contract, including the part that matters most for exactness:
+    It mirrors the device contract, including the parts that matter most for exactness:
     ``top_k`` picks arbitrarily among equal keys (here: in a random column order), as
-    torch.topk may. It checks the orchestration, not CUDA itself; the ``gpu``-marked
-    tests run the real CudaOps on a device.
+    torch.topk may, and ranks NaN above every number, as torch.topk does. Device
+    allocations (``to_device`` and ``xp.empty/full/zeros/concatenate``) are counted, and
+    ``fail_allocation(n)`` makes the n-th one from then on raise the out-of-memory error.
+    It checks the orchestration, not CUDA itself; the ``gpu``-marked tests run the real
+    CudaOps on a device.
     """
 
-    xp = np
     name = "emulated (numpy)"
-    out_of_memory: tuple[type[BaseException], ...] = ()
+    out_of_memory: tuple[type[BaseException], ...] = (EmulatedOutOfMemoryError,)
 
     def __init__(self, seed: int = 0) -> None:
         self._rng = np.random.default_rng(seed)
+        self.xp = _CountingNumpy(self)
+        self.allocations = 0  # device allocations so far
+        self.host_bytes = 0  # bytes copied to the host so far
+        self._fail_in: int | None = None
+
+    def fail_allocation(self, nth: int | None) -> None:
+        """Make the nth device allocation from now raise EmulatedOutOfMemoryError (once);
+        None: none."""
+        self._fail_in = nth
+
+    def allocate(self) -> None:
+        self.allocations += 1
+        if self._fail_in is not None:
+            self._fail_in -= 1
+            if self._fail_in == 0:
+                self._fail_in = None
+                raise EmulatedOutOfMemoryError("injected: out of device memory")
 
     def scores(self, queries: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
-        out[...] = queries.astype(np.float32) @ rows.astype(np.float32).T
+        # Written in place, as gemmEx does (no score-sized temporary).
+        np.matmul(queries.astype(np.float32, copy=False),
+                  rows.astype(np.float32, copy=False).T, out=out)
 
     def top_k(self, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         shuffle = self._rng.permutation(keys.shape[1])
-        order = np.argsort(-keys[:, shuffle], axis=1, kind="stable")[:, :k]
+        shuffled = keys[:, shuffle]
+        # Descending, NaN first (torch.topk's order); stable, so ties keep the shuffle.
+        order = np.lexsort((-shuffled, ~np.isnan(shuffled)), axis=1)[:, :k]
         cols = shuffle[order]
         return np.take_along_axis(keys, cols, axis=1), cols
 
@@ -48,13 +75,37 @@ class EmulatedCudaOps:
         return (keys >= kth[:, None]).sum(axis=1)
 
     def to_host(self, array: Any) -> np.ndarray:
-        return np.array(array, copy=True)
+        out = np.array(array, copy=True)
+        self.host_bytes += out.nbytes
+        return out
 
     def to_device(self, array: Any) -> np.ndarray:
+        self.allocate()
         return np.array(array, copy=True)
 
     def memory(self) -> dict[str, int]:
         return {}
+
+
+class _CountingNumpy:
+    """numpy as the emulated device's array module: allocating calls go through
+    EmulatedCudaOps.allocate (counted, and failing when a fault is armed)."""
+
+    _ALLOCATING = frozenset({"empty", "full", "zeros", "concatenate"})
+
+    def __init__(self, ops: EmulatedCudaOps) -> None:
+        self._ops = ops
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(np, name)
+        if name not in self._ALLOCATING:
+            return attr
+
+        def allocating(*args: Any, **kwargs: Any) -> Any:
+            self._ops.allocate()
+            return attr(*args, **kwargs)
+
+        return allocating
 
 
 IndexFactory = Callable[..., Any]
