@@ -239,3 +239,25 @@ def test_load_generator_frames_responses_by_content_length() -> None:
     assert asyncio.run(parse(two)) == (200, b"abc")
     with pytest.raises(RuntimeError, match="Content-Length"):
         asyncio.run(parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"))
+
+
+def test_device_check_dry_run_writes_its_results(tmp_path: Path) -> None:
+    """bench/device_check.sh without a GPU: GPU steps skipped with the reason, the others
+    run at tiny sizes, and results.json says what each did (rewritten after every step)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "dc"
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "HOME": str(tmp_path)}
+    done = subprocess.run(["bash", "bench/device_check.sh", str(out), "--only", "limits,scale"],
+                          cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    check = json.loads((out / "results.json").read_text())["device_check"]
+    steps = check["steps"]
+    assert check["finished"] and steps["limits"]["status"] == "ok"
+    if check["mode"] == "dry run":
+        assert steps["scale"]["status"] == "skipped"
+        assert "no CUDA device" in steps["scale"]["reason"]
+    assert (out / "device_check.log").stat().st_size > 0
+    assert len(list(out.iterdir())) <= 8  # what the device tool brings back
