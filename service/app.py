@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -80,7 +81,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> SafeJSONResponse:
-        names = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+        names = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+                 413: "payload_too_large"}
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             headers["Allow"] = ", ".join(_allowed_methods(request))
@@ -96,11 +98,15 @@ def install_error_handlers(app: FastAPI) -> None:
 class BodyLimitMiddleware:
     """Refuses a request body over the limit with 413, however it arrives: a declared
     Content-Length is refused before reading, and a chunked body once it has grown past
-    the limit (the bytes are counted as the app reads them)."""
+    the limit (the bytes are counted as the app reads them). A body that stalls, no bytes
+    for ``stall_s`` while more are due, is refused with 408: a client cannot hold a
+    connection and its handler open by sending a body slowly enough (a slowloris on the
+    body; heads have their own timeout in service/http_server.py)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, stall_s: float = 30.0) -> None:
         self.app = app
         self.limit = limit
+        self.stall_s = stall_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -114,16 +120,27 @@ class BodyLimitMiddleware:
                 await response(scope, receive, send)
                 return
         received = 0
+        body_done = False
 
         async def counted() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # after the body: only a disconnect can come, whenever it does
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.stall_s)
+            except TimeoutError:
+                # An HTTPException passes through FastAPI's body parsing unchanged.
+                raise StarletteHTTPException(
+                    408, f"the request body stalled: no bytes for {self.stall_s:g} s "
+                    "(DOTSEARCH_BODY_TIMEOUT_S)") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.limit:
-                    # An HTTPException passes through FastAPI's body parsing unchanged.
                     raise StarletteHTTPException(
                         413, f"request body over the limit of {self.limit} bytes")
+            else:
+                body_done = True
             return message
 
         await self.app(scope, counted, send)
@@ -209,7 +226,8 @@ def create_app(settings: Settings | None = None, *, catalog: Catalog | None = No
     for module in (health, collections, vectors, search, images, featurize, query, ui, docs):
         app.include_router(module.router)
     # The last added runs first: time everything, authenticate, then limit the body.
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes,
+                       stall_s=settings.body_timeout_s)
     app.add_middleware(AuthMiddleware, api_key=settings.api_key,
                        read_only_api_key=settings.read_only_api_key)
     app.add_middleware(LatencyMiddleware, metrics=metrics)

@@ -71,6 +71,8 @@ class Settings(BaseSettings):
         "1 GiB on the GPU); lower it after a GPU out-of-memory error")
     header_timeout_s: float = Field(default=10.0, gt=0, le=600,
                                     description="Time a client has to send request headers")
+    body_timeout_s: float = Field(default=30.0, gt=0, le=3600,
+                                  description="Longest a request body may stall (no bytes)")
     log_level: str = Field(default="info", description="Log level")
 
 

@@ -18,6 +18,7 @@ from service.http_server import http_protocol
 from tests.serve_support import free_port, serving
 
 HEADER_TIMEOUT_S = 1.0  # the real server's, through DOTSEARCH_HEADER_TIMEOUT_S in its .env
+BODY_TIMEOUT_S = 2.0  # the real server's DOTSEARCH_BODY_TIMEOUT_S
 TOY_TIMEOUT_S = 0.3  # the in-process toy servers'
 TOY_HANDLER_S = 1.0  # how long the toy app's /slow takes: over three toy timeouts
 CLOSE_BOUND_S = 15.0  # liveness bound: "closed at all", not a performance claim
@@ -107,7 +108,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]
     """(base URL, port) of a `dotsearch serve` subprocess whose header timeout is 1 s."""
     root = tmp_path_factory.mktemp("slow_clients")
     # start_server strips DOTSEARCH_* from the environment; Settings also reads ./.env
-    (root / ".env").write_text(f"DOTSEARCH_HEADER_TIMEOUT_S={HEADER_TIMEOUT_S}\n")
+    (root / ".env").write_text(f"DOTSEARCH_HEADER_TIMEOUT_S={HEADER_TIMEOUT_S}\n"
+                               f"DOTSEARCH_BODY_TIMEOUT_S={BODY_TIMEOUT_S}\n")
     with serving(root, cwd=root) as served_at:
         yield served_at
 
@@ -174,6 +176,26 @@ def test_slow_body_after_a_complete_head_is_not_cut(served):
         status, answer = read_response(sock)
     assert status == 201, answer
     assert b"slow_body" in answer
+
+
+@pytest.mark.slow
+def test_a_stalled_body_is_refused_with_408_while_others_are_served(served):
+    """A body that stops arriving (a slowloris on the body) holds no handler for long."""
+    base, port = served
+    with connect(port) as sock:
+        sock.sendall(b"POST /v1/collections HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                     b'{"name": "stal')
+        started = time.monotonic()
+        assert httpx.get(f"{base}/health", timeout=5).status_code == 200  # others go on
+        status, answer = read_response(sock)
+        waited = time.monotonic() - started
+        sock.settimeout(CLOSE_BOUND_S)
+        assert sock.recv(1) == b""  # and the connection is closed
+    assert status == 408, answer
+    assert b"request_timeout" in answer and b"DOTSEARCH_BODY_TIMEOUT_S" in answer
+    assert BODY_TIMEOUT_S * 0.9 <= waited < CLOSE_BOUND_S
+    assert httpx.get(f"{base}/v1/collections/stal", timeout=5).status_code == 404
 
 
 # ---- in-process toy servers: both parsers, and a pipelined head behind a slow response ----
