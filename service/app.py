@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -95,13 +96,18 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error(500, "internal_error", "internal server error")
 
 
+# Past DOTSEARCH_BODY_TIMEOUT_S, a body still arriving must average at least this (bytes/s).
+MIN_BODY_RATE = 1024
+
+
 class BodyLimitMiddleware:
     """Refuses a request body over the limit with 413, however it arrives: a declared
     Content-Length is refused before reading, and a chunked body once it has grown past
-    the limit (the bytes are counted as the app reads them). A body that stalls, no bytes
-    for ``stall_s`` while more are due, is refused with 408: a client cannot hold a
-    connection and its handler open by sending a body slowly enough (a slowloris on the
-    body; heads have their own timeout in service/http_server.py)."""
+    the limit (the bytes are counted as the app reads them). A body that stalls (no bytes
+    for ``stall_s`` while more are due) or is not complete by ``stall_s`` plus its length
+    at MIN_BODY_RATE is refused with 408: a client cannot hold a connection and its
+    handler open by sending a body slowly enough (a slowloris on the body; heads have their
+    own timeout in service/http_server.py)."""
 
     def __init__(self, app: ASGIApp, limit: int, stall_s: float = 30.0) -> None:
         self.app = app
@@ -112,7 +118,10 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        declared = 0
         for key, value in scope.get("headers", ()):
+            if key == b"content-length" and value.isdigit():
+                declared = int(value)
             if key == b"content-length" and value.isdigit() and int(value) > self.limit:
                 exc = PayloadTooLarge(f"request body of {int(value)} bytes; "
                                       f"the limit is {self.limit}")
@@ -121,17 +130,21 @@ class BodyLimitMiddleware:
                 return
         received = 0
         body_done = False
+        started = time.monotonic()
 
         async def counted() -> Message:
             nonlocal received, body_done
             if body_done:  # after the body: only a disconnect can come, whenever it does
                 return await receive()
+            deadline = started + self.stall_s + max(declared, received) / MIN_BODY_RATE
+            wait = min(self.stall_s, deadline - time.monotonic())
             try:
-                message = await asyncio.wait_for(receive(), self.stall_s)
+                message = await asyncio.wait_for(receive(), max(wait, 0.0))
             except TimeoutError:
                 # An HTTPException passes through FastAPI's body parsing unchanged.
                 raise StarletteHTTPException(
-                    408, f"the request body stalled: no bytes for {self.stall_s:g} s "
+                    408, f"the request body stalled or came too slowly: no bytes for "
+                    f"{self.stall_s:g} s, or under {MIN_BODY_RATE} bytes/s past that "
                     "(DOTSEARCH_BODY_TIMEOUT_S)") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))

@@ -18,7 +18,7 @@ from service.http_server import http_protocol
 from tests.serve_support import free_port, serving
 
 HEADER_TIMEOUT_S = 1.0  # the real server's, through DOTSEARCH_HEADER_TIMEOUT_S in its .env
-BODY_TIMEOUT_S = 2.0  # the real server's DOTSEARCH_BODY_TIMEOUT_S
+BODY_TIMEOUT_S = 4.0  # the real server's DOTSEARCH_BODY_TIMEOUT_S
 TOY_TIMEOUT_S = 0.3  # the in-process toy servers'
 TOY_HANDLER_S = 1.0  # how long the toy app's /slow takes: over three toy timeouts
 CLOSE_BOUND_S = 15.0  # liveness bound: "closed at all", not a performance claim
@@ -263,3 +263,25 @@ def test_toy_pipelined_slow_head_does_not_cut_the_response_in_flight(toy_port):
         closed_after, said = drip_until_closed([sock], 0.1)
     assert closed_after[0] is not None, "the pipelined slow head was never timed out"
     assert not said[0] or said[0].startswith(b"HTTP/1.1 408"), said[0]
+
+
+@pytest.mark.slow
+def test_a_body_dripped_slower_than_the_minimum_rate_is_refused(served):
+    """A byte just inside every stall period never stalls, but the body is far from done
+    by the timeout plus its length at 1 KiB/s."""
+    _, port = served
+    with connect(port) as sock:
+        sock.sendall(b"POST /v1/collections HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+        started = time.monotonic()
+        status, answer = 0, b""
+        sock.settimeout(BODY_TIMEOUT_S * 0.6)
+        while time.monotonic() - started < CLOSE_BOUND_S:
+            try:
+                sock.sendall(b" ")
+                status, answer = read_response(sock)
+                break
+            except (TimeoutError, OSError):
+                continue
+    assert status == 408, answer
+    assert b"bytes/s" in answer and time.monotonic() - started < 2 * BODY_TIMEOUT_S + 2
