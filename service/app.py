@@ -186,6 +186,25 @@ def _load_featurizer(services: Services) -> None:
         services.featurizer_ready.set()
 
 
+def _state_sql_bound(app: FastAPI, max_chars: int) -> None:
+    """The OpenAPI schema states the SQL length this server takes (DOTSEARCH_SQL_MAX_CHARS),
+    not the default that the models are declared with."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            body = schema["components"]["schemas"]["QueryBody"]["properties"]["sql"]
+            body["maxLength"] = max_chars
+            for parameter in schema["paths"]["/v1/query"]["get"]["parameters"]:
+                if parameter["name"] == "q":
+                    parameter["schema"]["maxLength"] = max_chars
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings | None = None, *, catalog: Catalog | None = None,
                featurizer: Any = None) -> FastAPI:
     """A ready-to-serve app. ``catalog`` / ``featurizer`` may be injected (tests, embedding);
@@ -235,6 +254,7 @@ def create_app(settings: Settings | None = None, *, catalog: Catalog | None = No
                               "with a SQL face.",
                   docs_url=None, redoc_url=None)
     app.state.services = services
+    _state_sql_bound(app, settings.sql_max_chars)
     install_error_handlers(app)
     for module in (health, collections, vectors, search, images, featurize, query, ui, docs):
         app.include_router(module.router)

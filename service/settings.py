@@ -54,7 +54,8 @@ class Settings(BaseSettings):
                                      description="DuckDB memory_limit")
     sql_timeout_s: float = Field(default=5.0, gt=0, le=3600,
                                  description="Longest a SQL statement or search filter may run")
-    sql_max_chars: int = Field(default=MAX_SQL_CHARS, ge=1, description="Longest SQL text")
+    sql_max_chars: int = Field(default=MAX_SQL_CHARS, ge=1, le=MAX_SQL_CHARS,
+                               description="Longest SQL text (at most the default: lower it)")
     sql_max_tokens: int = Field(default=50_000, ge=1, description="Most SQL tokens in a request")
     sql_max_depth: int = Field(default=200, ge=8, le=900,
                                description="Deepest SQL expression nesting")

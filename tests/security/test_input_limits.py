@@ -371,3 +371,22 @@ def test_openapi_states_the_limits(shared):
     props = search["requestBody"]["content"]["application/json"]["schema"]["properties"]
     assert (props["k"]["minimum"], props["k"]["maximum"]) == (1, MAX_K)
     assert (props["offset"]["minimum"], props["offset"]["maximum"]) == (0, MAX_OFFSET)
+
+
+def test_the_schema_states_the_configured_sql_bound(tmp_path):
+    """DOTSEARCH_SQL_MAX_CHARS is what /openapi.json says, and what the server enforces."""
+    s = Settings(data_dir=tmp_path / "data", load_featurizer=False, sql_max_chars=5000,  # type: ignore[call-arg]
+                 _env_file=None)
+    with TestClient(create_app(s)) as client:
+        schema = client.get("/openapi.json").json()
+        assert schema["components"]["schemas"]["QueryBody"]["properties"]["sql"][
+            "maxLength"] == 5000
+        q = next(p for p in schema["paths"]["/v1/query"]["get"]["parameters"]
+                 if p["name"] == "q")
+        assert q["schema"]["maxLength"] == 5000
+        fits = "SELECT 1" + " " * (5000 - len("SELECT 1"))
+        assert client.post("/v1/query", json={"sql": fits}).status_code == 200
+        over = client.post("/v1/query", json={"sql": fits + " "})
+        assert over.status_code == 400 and over.json()["error"] == "query_too_large"
+    with pytest.raises(ValueError, match="less than or equal"):
+        Settings(sql_max_chars=2_000_000, _env_file=None)  # type: ignore[call-arg]
