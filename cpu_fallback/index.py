@@ -67,7 +67,7 @@ class CpuIndex(BlockedIndex):
                 self._block_sq_norms[b][offsets] = np.einsum("ij,ij->i", as32, as32)
 
     # ------------------------------------------------------------------ scoring
-    def _queries_per_chunk(self, nq: int) -> int:
+    def _queries_per_chunk(self, nq: int, ranging: bool = False) -> int:
         return 1024
 
     def _prepare_run(self, plan: BlockRun) -> _Rows:
@@ -93,7 +93,7 @@ class CpuIndex(BlockedIndex):
         return found if best is None else merge_top_k(best, found, k)
 
     def _key_tiles(
-        self, chunk: npt.NDArray[np.float32], runs: list[_Rows]
+        self, chunk: npt.NDArray[np.float32], runs: list[_Rows], ranging: bool = False
     ) -> Iterator[tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]]:
         """(keys, ids) per tile: keys (q, rows), higher is closer, -inf where masked.
 

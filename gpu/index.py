@@ -15,7 +15,6 @@ from cpu_fallback.core import (
     BlockedIndex,
     BlockRun,
     FloatArray,
-    IdArray,
     split_by_block,
 )
 from gpu.device import CudaOps
@@ -69,7 +68,6 @@ class GpuIndex(BlockedIndex):
 
     _ops: Any
     _block_ids: list[Any]  # device int64 per block, gathered into results on the device
-    _per_score: int  # scratch bytes per score of the search under way
     _tiles: _Tiles | None  # the search under way's tile buffer
 
     # ------------------------------------------------------------------ device
@@ -77,7 +75,6 @@ class GpuIndex(BlockedIndex):
         self._ops = self._device_ops()
         self._xp = self._ops.xp
         self._block_ids = []
-        self._per_score = SCRATCH_BYTES_PER_SCORE
         self._tiles = None
 
     def _device_ops(self) -> Any:
@@ -124,21 +121,6 @@ class GpuIndex(BlockedIndex):
                              f"magnitude {float(np.finfo(self._storage).max):g}): scale "
                              "them down, or store float32")
         return self._ops.to_device(cast)
-
-    def range_search(
-        self,
-        queries: npt.ArrayLike,
-        threshold: float,
-        allow: npt.ArrayLike | None = None,
-        max_results: int | None = None,
-    ) -> tuple[IdArray, FloatArray, IdArray, IdArray]:
-        # The shared loop filters whole key tiles, which takes more scratch per score than
-        # a top-k does: its tiles (and query chunks) are sized for that.
-        self._per_score = RANGE_SCRATCH_BYTES_PER_SCORE[self.metric]
-        try:
-            return super().range_search(queries, threshold, allow, max_results)
-        finally:
-            self._per_score = SCRATCH_BYTES_PER_SCORE
 
     # ------------------------------------------------------------------ storage
     def _reserve(self, rows: int) -> None:
@@ -204,10 +186,16 @@ class GpuIndex(BlockedIndex):
         del self._block_ids[keep:]
 
     # ------------------------------------------------------------------ scoring
-    def _queries_per_chunk(self, nq: int) -> int:
+    def _per_score(self, ranging: bool) -> int:
+        """Scratch bytes per score: a range search filters whole key tiles, which takes
+        more than a top-k does, so its tiles (and query chunks) are sized for that."""
+        return RANGE_SCRATCH_BYTES_PER_SCORE[self.metric] if ranging else SCRATCH_BYTES_PER_SCORE
+
+    def _queries_per_chunk(self, nq: int, ranging: bool = False) -> int:
         # A chunk's scores over one whole block (and the block's ids) must fit the budget.
         cols = min(self._block_rows, max(len(self._rows), 1))
-        return (self._scratch_bytes - SCRATCH_BYTES_PER_COLUMN * cols) // (self._per_score * cols)
+        return ((self._scratch_bytes - SCRATCH_BYTES_PER_COLUMN * cols)
+                // (self._per_score(ranging) * cols))
 
     def _prepare_run(self, plan: BlockRun) -> _Run:
         if plan.local is None:
@@ -217,7 +205,8 @@ class GpuIndex(BlockedIndex):
         dropped = np.setdiff1d(np.arange(plan.rows), plan.local, assume_unique=True)
         return _Run(plan.block, plan.rows, None, self._ops.to_device(dropped))
 
-    def _key_tiles(self, chunk: Any, runs: list[_Run]) -> Iterator[tuple[Any, Any]]:
+    def _key_tiles(self, chunk: Any, runs: list[_Run], ranging: bool = False
+                   ) -> Iterator[tuple[Any, Any]]:
         """(keys, ids) on the device: keys (q, cols) over as many whole runs as the
         scratch budget holds, higher is closer; ids (cols,). One top-k covers them all.
 
@@ -227,7 +216,7 @@ class GpuIndex(BlockedIndex):
             return
         tiles = self._tiles
         if tiles is None or tiles.runs is not runs:
-            budget_cols = max(1, self._scratch_bytes // (self._per_score * len(chunk)
+            budget_cols = max(1, self._scratch_bytes // (self._per_score(ranging) * len(chunk)
                                                          + SCRATCH_BYTES_PER_COLUMN))
             groups: list[list[_Run]] = [[]]
             for run in runs:

@@ -159,13 +159,13 @@ class BlockedIndex(VectorIndex):
         xp, scoring = self._xp, self._scoring
         with self._guard("range searching"):
             runs = self._runs(allow)
-            for q0, q1 in self._query_chunks(nq):
+            for q0, q1 in self._query_chunks(nq, ranging=True):
                 host_chunk = query_matrix[q0:q1]
                 chunk = self._upload_queries(host_chunk)
                 sq_norms = None
                 if self.metric == "l2":
                     sq_norms = self._to_device(query_sq_norms(host_chunk))
-                for keys, ids in self._key_tiles(chunk, runs):
+                for keys, ids in self._key_tiles(chunk, runs, ranging=True):
                     tile = scoring.key_scores(keys, sq_norms, xp)
                     rows, cols = xp.nonzero(scoring.passes(tile, limit) & (keys > -np.inf))
                     if len(rows):
@@ -204,8 +204,8 @@ class BlockedIndex(VectorIndex):
         return [self._prepare_run(plan)
                 for plan in plan_runs(allowed, len(self._rows), self._block_rows)]
 
-    def _query_chunks(self, nq: int) -> Iterator[tuple[int, int]]:
-        step = max(1, min(nq, self._queries_per_chunk(nq)))
+    def _query_chunks(self, nq: int, ranging: bool = False) -> Iterator[tuple[int, int]]:
+        step = max(1, min(nq, self._queries_per_chunk(nq, ranging)))
         for q0 in range(0, nq, step):
             yield q0, min(nq, q0 + step)
 
@@ -258,10 +258,12 @@ class BlockedIndex(VectorIndex):
         """What ``_key_tiles`` needs to score one block's candidate rows."""
 
     @abstractmethod
-    def _key_tiles(self, chunk: Any, runs: list[Any]) -> Iterator[tuple[Any, Any]]:
+    def _key_tiles(self, chunk: Any, runs: list[Any], ranging: bool = False
+                   ) -> Iterator[tuple[Any, Any]]:
         """(keys (q, n), ids (n,)) per tile over the runs: higher is closer, -inf masked.
 
-        keys and ids may be reused buffers, valid only until the next tile."""
+        keys and ids may be reused buffers, valid only until the next tile. ``ranging``: a
+        range search, which filters whole tiles (more scratch per score than a top-k)."""
 
     @abstractmethod
     def _merge_top_k(self, best: tuple[Any, Any] | None, keys: Any, ids: Any,
@@ -269,5 +271,5 @@ class BlockedIndex(VectorIndex):
         """The exact top-k (key desc, id asc; unordered) of best and one tile."""
 
     @abstractmethod
-    def _queries_per_chunk(self, nq: int) -> int:
-        """How many of nq queries to score together."""
+    def _queries_per_chunk(self, nq: int, ranging: bool = False) -> int:
+        """How many of nq queries to score together (``ranging``: for a range search)."""
