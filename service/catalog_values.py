@@ -53,6 +53,14 @@ class QueryResult:
     rows: list[list[Any]]
     explain: str | None = None
 
+    @classmethod
+    def affected(cls, n: int = 0, last_insert_id: int | None = None) -> QueryResult:
+        """A write's answer: rows affected, and the first id it assigned when it did."""
+        if last_insert_id is None:
+            return cls(["rows_affected"], ["BIGINT"], [[int(n)]])
+        return cls(["rows_affected", "last_insert_id"], ["BIGINT", "BIGINT"],
+                   [[int(n), int(last_insert_id)]])
+
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {"columns": self.columns, "types": self.types, "rows": self.rows}
         if self.explain is not None:

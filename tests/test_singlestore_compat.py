@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.storage import SCHEMA_VERSION
 from tests.api_support import make_client
 
 # SingleStore's "Working with Vector Data" example, as its documentation writes it.
@@ -277,10 +276,6 @@ def test_errors_in_our_own_words(comments: TestClient, statement: str) -> None:
     for duckdb_words in ("Binder Error", "Catalog Error", "Parser Error", "Did you mean",
                          "Candidate", "ds_", "__"):
         assert duckdb_words not in err["message"], err["message"]
-
-
-def test_storage_schema_version_is_current() -> None:
-    assert SCHEMA_VERSION == 2
 
 
 def test_variables_are_bounded(tmp_path: Path) -> None:

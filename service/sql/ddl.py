@@ -11,7 +11,7 @@ from sqlglot import exp
 
 from service.batches import MAX_SHARDS
 from service.catalog_values import QueryResult
-from service.errors import DotsearchError, InvalidInput
+from service.errors import InvalidInput
 from service.index_protocol import METRICS
 from service.sql.casts import vector_dim, vector_type
 from service.sql.dialect import error_at
@@ -28,10 +28,6 @@ NO_OP_ATTRIBUTES = (exp.NotNullColumnConstraint, exp.CommentColumnConstraint,
 ID_ATTRIBUTES = (exp.AutoIncrementColumnConstraint, exp.PrimaryKeyColumnConstraint)
 SUPPORTED = ("SELECT, EXPLAIN, SET @var, CREATE TABLE, ALTER TABLE, RENAME TABLE, DROP TABLE, "
              "SHOW TABLES, DESCRIBE, INSERT, REPLACE, UPDATE, DELETE")
-
-
-def _affected(n: int = 0) -> QueryResult:
-    return QueryResult(["rows_affected"], ["BIGINT"], [[int(n)]])
 
 
 def execute_ddl(catalog: CollectionStore, stmt: exp.Expr) -> QueryResult:
@@ -90,7 +86,7 @@ def create_table(catalog: CollectionStore, stmt: exp.Create) -> QueryResult:
     for key in keys:
         _check_key(key, spec)
     if stmt.args.get("exists") and catalog.resolve(table.name) is not None:
-        return _affected()
+        return QueryResult.affected()
     name, dim, dtype, declared = spec.vector
     metric, shards = _table_options(stmt)
     try:
@@ -100,7 +96,7 @@ def create_table(catalog: CollectionStore, stmt: exp.Create) -> QueryResult:
                                   shards=shards)
     except InvalidInput as exc:
         raise error_at(exc.message, stmt) from exc
-    return _affected()
+    return QueryResult.affected()
 
 
 def _column(spec: TableSpec, col: exp.ColumnDef) -> None:
@@ -226,7 +222,7 @@ def drop_table(catalog: CollectionStore, stmt: exp.Drop) -> QueryResult:
                 continue
             raise error_at(f"unknown table {table.name!r}", table)
         catalog.drop_collection(canonical)
-    return _affected()
+    return QueryResult.affected()
 
 
 def alter_table(catalog: CollectionStore, stmt: exp.Alter) -> QueryResult:
@@ -248,11 +244,9 @@ def alter_table(catalog: CollectionStore, stmt: exp.Alter) -> QueryResult:
             result = step(name)
         except InvalidInput as exc:
             raise error_at(exc.message, stmt) from exc
-        except DotsearchError:
-            raise
         if isinstance(result, str):
             name = result
-    return _affected()
+    return QueryResult.affected()
 
 
 def _alter_step(catalog: CollectionStore, action: exp.Expr, rec: CollectionRecord,

@@ -34,13 +34,6 @@ MAX_COPY_ROWS = 100_000
 FETCH_ROWS = 1024
 
 
-def _affected(n: int, last_insert_id: int | None = None) -> QueryResult:
-    if last_insert_id is None:
-        return QueryResult(["rows_affected"], ["BIGINT"], [[int(n)]])
-    return QueryResult(["rows_affected", "last_insert_id"], ["BIGINT", "BIGINT"],
-                       [[int(n), int(last_insert_id)]])
-
-
 def execute_dml(catalog: CollectionStore, stmt: exp.Expr, params: Any, positional: list[int],
                 watch: Watch | None, session: Session) -> QueryResult:
     """INSERT/REPLACE, UPDATE or DELETE: one write, in the catalog's write order."""
@@ -145,7 +138,7 @@ def insert(catalog: CollectionStore, stmt: exp.Insert, ctx: Context) -> QueryRes
             ids[i] = new_id
         last_insert_id = int(assigned[0])
     if not rows:
-        return _affected(0)
+        return QueryResult.affected(0)
     if len(set(ids)) != len(ids) and not replace:
         raise error_at("duplicate id in INSERT; use REPLACE INTO to upsert", stmt)
     try:
@@ -155,7 +148,7 @@ def insert(catalog: CollectionStore, stmt: exp.Insert, ctx: Context) -> QueryRes
         raise QueryError(exc.message, position=error_at("", stmt).position) from exc
     if last_insert_id is not None:
         ctx.session.last_insert_id = last_insert_id
-    return _affected(written, last_insert_id)
+    return QueryResult.affected(written, last_insert_id)
 
 
 def _values_row(row: exp.Expr, names: list[str], rec: CollectionRecord,
@@ -241,7 +234,7 @@ def delete(catalog: CollectionStore, stmt: exp.Delete, ctx: Context) -> QueryRes
     if not isinstance(table, exp.Table):
         raise error_at("DELETE FROM table [WHERE ...]", stmt)
     ids = _matching_ids(ctx, table, stmt.args.get("where"))
-    return _affected(catalog.delete(table.name, ids) if len(ids) else 0)
+    return QueryResult.affected(catalog.delete(table.name, ids) if len(ids) else 0)
 
 
 def update(catalog: CollectionStore, stmt: exp.Update, ctx: Context) -> QueryResult:
@@ -261,11 +254,11 @@ def update(catalog: CollectionStore, stmt: exp.Update, ctx: Context) -> QueryRes
             )
     ids = _matching_ids(ctx, table, stmt.args.get("where"))
     if len(ids) == 0:
-        return _affected(0)
+        return QueryResult.affected(0)
     sets = ", ".join(
         f"{quote(a.this.name)} = CAST(({to_duckdb(a.expression)}) AS {rec.columns[a.this.name]})"
         for a in stmt.expressions
     )
     used = {str(p.this) for a in stmt.expressions for p in a.find_all(exp.Placeholder)}
     values = {k: v for k, v in ctx.bound.items() if k in used}
-    return _affected(catalog.update_metadata(rec.name, ids, sets, values, ctx.watch))
+    return QueryResult.affected(catalog.update_metadata(rec.name, ids, sets, values, ctx.watch))

@@ -228,7 +228,7 @@ def set_variables(catalog: CollectionStore, stmt: exp.Set, params: Any, position
                 "bytes (DOTSEARCH_SQL_MAX_RESULT_BYTES)")
         session.variables[name] = Variable(
             bytes(value) if isinstance(value, bytearray | memoryview) else value, vector)
-    return QueryResult(["rows_affected"], ["BIGINT"], [[0]])
+    return QueryResult.affected()
 
 
 def _copier(tree: exp.Expr) -> Callable[[], exp.Expr]:
