@@ -23,6 +23,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "featurize": ("bench.featurize", "run_featurize"),
     "reliability": ("bench.reliability", "run_reliability"),
     "cluster": ("bench.cluster", "run_cluster"),
+    "models": ("bench.models", "run_models"),
 }
 
 

@@ -22,7 +22,18 @@ from service.auth import AuthMiddleware
 from service.batcher import SearchBatcher
 from service.errors import DotsearchError, PayloadTooLarge
 from service.metrics import LatencyMiddleware, Metrics
-from service.routes import collections, docs, featurize, health, images, query, search, ui, vectors
+from service.routes import (
+    collections,
+    docs,
+    featurize,
+    health,
+    images,
+    models,
+    query,
+    search,
+    ui,
+    vectors,
+)
 from service.routes.deps import SafeJSONResponse, Services
 from service.settings import Settings, get_settings
 
@@ -256,7 +267,8 @@ def create_app(settings: Settings | None = None, *, catalog: Catalog | None = No
     app.state.services = services
     _state_sql_bound(app, settings.sql_max_chars)
     install_error_handlers(app)
-    for module in (health, collections, vectors, search, images, featurize, query, ui, docs):
+    for module in (health, collections, vectors, search, images, featurize, query, models, ui,
+                   docs):
         app.include_router(module.router)
     # The last added runs first: time everything, authenticate, then limit the body.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes,

@@ -1,4 +1,5 @@
-"""The catalog the service uses: the collection store with its SQL face (queries, filters)."""
+"""The catalog the service uses: the collection store with its SQL face (queries, filters)
+and its trained models."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from service.auth import Access
 from service.catalog_values import Hit, QueryResult
 from service.collections import AllowFn, CollectionStore
 from service.limits import SqlLimits
+from service.models import ModelLimits, ModelRegistry
 from service.settings import Settings
 from service.sql.executor import execute_script
 from service.sql.filters import filter_ids
 from service.sql.functions import register_functions
+from service.sql.predict import register_model_functions
 
 
 class Catalog(CollectionStore):
@@ -23,10 +26,16 @@ class Catalog(CollectionStore):
     The store beneath imports nothing from ``service.sql``; this layer joins the two.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, model_limits: ModelLimits | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         try:
+            # Models train and predict on the engine's device: the GPU under the gpu backend.
+            self.models = ModelRegistry(self._storage, self.write_order, model_limits,
+                                        device="cuda" if self.backend_name == "gpu" else "cpu")
+            self.models.load()
             self.on_storage_open(register_functions)
+            self.on_storage_open(lambda con: register_model_functions(con, self.models))
         except BaseException:
             self.close()
             raise
@@ -38,7 +47,14 @@ class Catalog(CollectionStore):
                    duckdb_memory_limit=settings.duckdb_memory_limit,
                    sql_limits=SqlLimits.from_settings(settings),
                    engine_options=settings.engine_options(),
-                   cluster=settings.cluster_options())
+                   cluster=settings.cluster_options(),
+                   model_limits=ModelLimits.from_settings(settings))
+
+    def close(self) -> None:
+        models: ModelRegistry | None = getattr(self, "models", None)
+        if models is not None:
+            models.close()  # trainings stop before storage closes
+        super().close()
 
     def query(self, sql: str, params: dict[str, Any] | list[Any] | None = None, *,
               access: Access = "write") -> QueryResult:

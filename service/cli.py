@@ -1,4 +1,5 @@
-"""The `dotsearch` command line: serve; ingest, query and demo, over HTTP or on the files."""
+"""The `dotsearch` command line: serve; ingest, query, train and demo, over HTTP or on the
+files."""
 
 from __future__ import annotations
 
@@ -280,6 +281,96 @@ def query(sql: Annotated[str, typer.Argument(help="SQL statement(s)")],
                 took = (time.perf_counter() - start) * 1000
     print_result(result)
     console.print(f"{len(result.rows)} rows in {took:.1f} ms")
+
+
+def _watch_training(name: str, poll: Any, cancel: Any, epochs: int | None) -> dict[str, Any]:
+    """A progress bar over the epochs until the model is no longer training; Ctrl-C
+    cancels the training. The model's final state."""
+    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
+                        console=err)
+    with progress:
+        task = progress.add_task("train", total=epochs, loss="-")
+        try:
+            while True:
+                info: dict[str, Any] = poll()
+                step = info.get("progress") or {}
+                loss = step.get("loss")
+                progress.update(task, total=step.get("epochs") or epochs,
+                                completed=step.get("epoch") or 0,
+                                loss="-" if loss is None else f"{loss:.4f}")
+                if info.get("state") != "training":
+                    return info
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            cancel()
+            _fail(f"training of model {name!r} cancelled")
+
+
+def print_model(info: dict[str, Any]) -> None:
+    """A trained model's holdout metrics and confusion matrix."""
+    metrics = info.get("metrics") or {}
+    counts = metrics.get("counts") or {}
+    console.print(f"model [bold]{escape(info['name'])}[/] ({escape(info['kind'])}, "
+                  f"{info['dim']}-d, {len(info['classes'])} classes): accuracy "
+                  f"{metrics.get('accuracy', 0):.4f}, macro F1 {metrics.get('macro_f1', 0):.4f} "
+                  f"on {metrics.get('evaluated_on', 'holdout')} ({counts.get('train')} train, "
+                  f"{counts.get('holdout')} holdout, {counts.get('skipped_null_labels')} "
+                  "NULL labels skipped)", soft_wrap=True)
+    confusion = metrics.get("confusion") or {}
+    labels = confusion.get("labels") or []
+    if labels and len(labels) <= 20:
+        table = Table(title="confusion (rows: true, columns: predicted)")
+        table.add_column("")
+        for label in labels:
+            table.add_column(escape(label), justify="right")
+        for label, row in zip(labels, confusion.get("matrix") or [], strict=False):
+            table.add_row(escape(label), *(str(v) for v in row))
+        console.print(table)
+
+
+@app.command()
+def train(collection: Annotated[str, typer.Option("--collection", "-c")],
+          label_column: Annotated[str, typer.Option("--label-column", "-l")],
+          name: Annotated[str, typer.Option("--name", "-n", help="The model's name")],
+          kind: Annotated[str, typer.Option(help="logistic | mlp")] = "logistic",
+          filter: Annotated[str | None, typer.Option(
+              help="A SQL condition on the collection's columns")] = None,
+          holdout: Annotated[float, typer.Option(min=0.0, max=0.9)] = 0.2,
+          epochs: Annotated[int | None, typer.Option(min=1)] = None,
+          seed: Annotated[int | None, typer.Option(min=0)] = None,
+          hidden: Annotated[int | None, typer.Option(min=1, help="mlp: hidden units")] = None,
+          data_dir: DataDir = None, backend: Backend = None, url: Url = None,
+          api_key: ApiKey = None) -> None:
+    """Train a classifier on a collection's vectors and a label column, with a progress bar
+    (Ctrl-C cancels). Trains on the running server when one answers; otherwise on the data
+    directory."""
+    settings = _settings(data_dir=data_dir, backend=backend)
+    _logging("warning")
+    client, tried = _connect(settings, url, api_key, data_dir is not None)
+    spec: dict[str, Any] = {"name": name, "collection": collection,
+                            "label_column": label_column, "kind": kind, "holdout": holdout}
+    extra = {"filter": filter, "epochs": epochs, "seed": seed, "hidden": hidden}
+    spec.update({k: v for k, v in extra.items() if v is not None})
+    with _errors():
+        if client is not None:
+            started = client.train_model(spec)
+            info = _watch_training(name, lambda: client.model(name),
+                                   lambda: client.drop_model(name),
+                                   started["progress"].get("epochs"))
+        else:
+            from service.models.usecase import train_collection
+
+            with _open_catalog(settings, tried, url is not None) as catalog:
+                started_info = train_collection(
+                    catalog, name, collection, label_column, kind, filter=filter,
+                    holdout=holdout, epochs=epochs, seed=seed, hidden=hidden)
+                info = _watch_training(name, lambda: catalog.models.get(name).as_dict(),
+                                       lambda: catalog.models.drop(name),
+                                       started_info.progress.get("epochs"))
+    if info.get("state") != "ready":
+        _fail(f"model {name!r} is {info.get('state')}: {info.get('error') or 'not trained'}")
+    print_model(info)
 
 
 DEMO_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "page",

@@ -180,6 +180,31 @@ class Client:
         result: dict[str, Any] = self.post_json("/v1/query", {"sql": sql})
         return result
 
+    # -- trained models ----------------------------------------------------------------
+
+    @staticmethod
+    def _model_path(name: str, tail: str = "") -> str:
+        return f"/v1/models/{urllib.parse.quote(name, safe='')}{tail}"
+
+    def train_model(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """POST /v1/models: the model in state "training" (202)."""
+        info: dict[str, Any] = self.post_json("/v1/models", spec)
+        return info
+
+    def model(self, name: str) -> dict[str, Any]:
+        info: dict[str, Any] = self.get(self._model_path(name))
+        return info
+
+    def drop_model(self, name: str) -> Any:
+        return self.delete(self._model_path(name))
+
+    def predict(self, name: str, vectors: Sequence[Sequence[float]]) -> list[dict[str, Any]]:
+        """{"label", "probabilities"} for each vector."""
+        got: dict[str, Any] = self.post_json(self._model_path(name, "/predict"),
+                                             {"vectors": [list(map(float, v)) for v in vectors]})
+        results: list[dict[str, Any]] = got["results"]
+        return results
+
     def stored_filenames(self, collection: str) -> set[str]:
         """Filenames already in the collection (resumable ingest); none if it is new."""
         info = self.collection(collection)

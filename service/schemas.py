@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Iterable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Path
 from pydantic import (
@@ -323,3 +323,91 @@ class ErrorOut(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 415, 422, 503)
 }
+
+
+# -- trained models --------------------------------------------------------------------
+
+MODEL_MAX_EPOCHS: int = Settings.model_fields["model_max_epochs"].default
+SEED_MAX = 2**32 - 1  # a training seed (exact in a JSON Schema bound, unlike 2^63-1)
+# A model is named as a collection is (the same rule, in its own namespace).
+ModelName = Annotated[str, Field(pattern=NAME_PATTERN, examples=["kind_of_photo"],
+                                 description=NAME_RULE)]
+ModelNamePath = Annotated[str, Path(pattern=NAME_PATTERN, description=NAME_RULE,
+                                    examples=["kind_of_photo"])]
+
+
+class ModelCreate(_Strict):
+    """Train a classifier on a collection: its vectors, the labels in ``label_column``
+    (rows whose label is NULL are skipped), the rows a ``filter`` admits."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "name": "kind_of_photo", "collection": "photos", "label_column": "label",
+        "kind": "logistic", "holdout": 0.2, "epochs": 30, "seed": 1}]})
+
+    name: ModelName
+    collection: Annotated[str, Field(pattern=NAME_PATTERN, examples=["photos"])]
+    label_column: Annotated[str, Field(pattern=PLAIN_NAME_PATTERN, examples=["label"])]
+    kind: Literal["logistic", "mlp"] = "logistic"
+    filter: Filter | None = None
+    holdout: Annotated[float, Field(ge=0, le=0.9,
+                                    description="share of each class held out for metrics")
+                       ] = 0.2
+    epochs: Annotated[int, Field(strict=False, ge=1, le=MODEL_MAX_EPOCHS), _JSON_INT] | None = None
+    seed: Annotated[int, Field(strict=False, ge=0, le=SEED_MAX), _JSON_INT] | None = None
+    hidden: Annotated[int, Field(strict=False, ge=1, le=8192, description="mlp: hidden units"),
+                      _JSON_INT] | None = None
+
+
+class ModelOut(BaseModel):
+    name: str
+    collection: str | None = None
+    label_column: str | None = None
+    kind: str
+    state: Literal["training", "ready", "failed", "cancelled"]
+    dim: int
+    classes: list[str]
+    created_at: str
+    source: str = Field(description="the training query, or the REST request that trained it")
+    options: dict[str, Any] = Field(default_factory=dict)
+    progress: dict[str, Any] = Field(default_factory=dict,
+                                     description="epoch, epochs and the last epoch's mean loss")
+    metrics: dict[str, Any] | None = Field(
+        default=None, description="holdout accuracy, macro_f1, per_class precision/recall/"
+        "support, confusion (rows: true, columns: predicted) and counts; null until ready")
+    error: str | None = None
+
+
+class ModelList(BaseModel):
+    models: list[ModelOut]
+
+
+class PredictBody(_Strict):
+    """Exactly one of ``vector`` (one prediction) or ``vectors`` (a batch)."""
+
+    model_config = ConfigDict(json_schema_extra={
+        "oneOf": _ONE_QUERY_FORM["oneOf"], "examples": [{"vector": [0.1, 0.2, 0.3]}]})
+
+    vector: Vector | None = None
+    vectors: list[Vector] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> PredictBody:
+        if (self.vector is None) == (self.vectors is None):
+            raise ValueError("give exactly one of 'vector' or 'vectors'")
+        if self.vectors is not None and len({len(v) for v in self.vectors}) > 1:
+            raise ValueError("all vectors must have the same length")
+        return self
+
+
+class Probability(BaseModel):
+    label: str
+    probability: float
+
+
+class PredictOut(BaseModel):
+    label: str
+    probabilities: list[Probability] = Field(description="the top 5, best first")
+
+
+class PredictManyOut(BaseModel):
+    results: list[PredictOut]

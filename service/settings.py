@@ -75,6 +75,24 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(default=30.0, gt=0, le=3600,
                                   description="Longest a request body may stall (no bytes)")
     log_level: str = Field(default="info", description="Log level")
+    model_max_rows: int = Field(default=1_000_000, ge=2,
+                                description="Most training rows one model may read")
+    model_max_bytes: int = Field(default=4 << 30, ge=1 << 20,
+                                 description="Largest training matrix (rows x dim x 4 bytes)")
+    model_max_classes: int = Field(default=1000, ge=2, le=100_000,
+                                   description="Most distinct labels one model may have")
+    model_max_dim: int = Field(default=65536, ge=1, le=65536,
+                               description="Longest vector a model may be trained on")
+    model_max_epochs: int = Field(default=1000, ge=1, le=100_000,
+                                  description="Most training epochs one model may ask for")
+    model_max_count: int = Field(default=1000, ge=1,
+                                 description="Most models stored or training at once")
+    model_max_training: int = Field(default=2, ge=1, le=64,
+                                    description="Most models training at the same time")
+    model_train_timeout_s: float = Field(default=3600.0, gt=0, le=86_400,
+                                         description="Longest one training may run")
+    model_threads: int = Field(default=2, ge=1, le=256,
+                               description="torch CPU threads one training or prediction uses")
 
 
     def cluster_options(self) -> ClusterOptions:

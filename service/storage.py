@@ -36,10 +36,11 @@ from service.errors import DotsearchError, SchemaVersionError, StorageError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_FILENAME = "dotsearch.duckdb"
 META_TABLE = "_dotsearch_meta"
 COLLECTIONS_TABLE = "_dotsearch_collections"
+MODELS_TABLE = "_dotsearch_models"
 # Rows per chunk when writing or reading vectors: bounds the Python-side copies.
 CHUNK_ROWS = 8192
 
@@ -58,6 +59,14 @@ RECORD_FIELDS = ("name", "dim", "metric", "dtype", "columns", "thumbnails", "vec
 # What version 2 added to the catalog table (a version-1 directory gains them at open).
 V2_COLUMNS = ("column_order VARCHAR", "vector_type VARCHAR", "auto_increment BOOLEAN",
               "shards INTEGER")
+# Version 3 added trained models: one row each, written once when training is done (a
+# model is a snapshot of its training data), its weights a BLOB, the rest JSON text.
+MODEL_FIELDS = ("name", "kind", "collection", "label_column", "dim", "classes", "source",
+                "options", "metrics", "progress", "created_at", "weights")
+MODELS_DDL = (f"CREATE TABLE {MODELS_TABLE} (name VARCHAR PRIMARY KEY, kind VARCHAR, "
+              "collection VARCHAR, label_column VARCHAR, dim INTEGER, classes VARCHAR, "
+              "source VARCHAR, options VARCHAR, metrics VARCHAR, progress VARCHAR, "
+              "created_at VARCHAR, weights BLOB)")
 
 
 @dataclass
@@ -231,6 +240,7 @@ class Storage:
             cur.execute(f"CREATE TABLE {COLLECTIONS_TABLE} (name VARCHAR PRIMARY KEY, "
                         "dim INTEGER, metric VARCHAR, dtype VARCHAR, columns VARCHAR, "
                         f"thumbnails BOOLEAN, vector_column VARCHAR, {', '.join(V2_COLUMNS)})")
+            cur.execute(MODELS_DDL)
             cur.execute(f"INSERT INTO {META_TABLE} VALUES ('schema_version', $v)",
                         {"v": str(SCHEMA_VERSION)})
             cur.execute("COMMIT")
@@ -238,41 +248,51 @@ class Storage:
         row = first_row(cur.execute(f"SELECT value FROM {META_TABLE} "
                                     "WHERE key = 'schema_version'"))
         found = row[0] if row else None
-        if found == "1":
-            self._migrate_v1()
+        if found in ("1", "2"):
+            self._migrate(int(found))
         elif found != str(SCHEMA_VERSION):
             raise SchemaVersionError(
                 f"{self.path} has storage schema version {found!r}, but this dotsearch reads "
                 f"version {SCHEMA_VERSION}; use a matching dotsearch release or a new data "
                 "directory")
 
-    def _migrate_v1(self) -> None:
-        """Version 1 -> 2, in place, in one transaction (a failure leaves version 1): the
-        catalog table learns each collection's declared column order (version 1 created
-        id, the vector, then the metadata columns in their stored order), vector type and
-        AUTO_INCREMENT."""
+    def _migrate(self, found: int) -> None:
+        """Version 1 or 2 -> 3, in place, in one transaction (a failure leaves the version
+        found). 1 -> 2: the catalog table learns each collection's declared column order
+        (version 1 created id, the vector, then the metadata columns in their stored
+        order), vector type and AUTO_INCREMENT. 2 -> 3: the table of trained models."""
         cur = self.writer
         try:
             cur.execute("BEGIN")
-            for column in V2_COLUMNS:
-                cur.execute(f"ALTER TABLE {COLLECTIONS_TABLE} ADD COLUMN {column}")
-            rows = cur.execute(f"SELECT name, dim, dtype, columns, vector_column "
-                               f"FROM {COLLECTIONS_TABLE}").fetchall()
-            for name, dim, dtype, columns, vector_column in rows:
-                order = ["id", vector_column, *json.loads(columns)]
-                f16 = ", F16" if dtype == "float16" else ""
-                cur.execute(f"UPDATE {COLLECTIONS_TABLE} SET column_order = $o, "
-                            "vector_type = $t, auto_increment = false WHERE name = $n",
-                            {"o": json.dumps(order), "t": f"VECTOR({int(dim)}{f16})", "n": name})
-            cur.execute(f"UPDATE {META_TABLE} SET value = '2' WHERE key = 'schema_version'")
+            if found == 1:
+                self._migrate_v1_rows(cur)
+            cur.execute(MODELS_DDL)
+            cur.execute(f"UPDATE {META_TABLE} SET value = $v WHERE key = 'schema_version'",
+                        {"v": str(SCHEMA_VERSION)})
             cur.execute("COMMIT")
         except (duckdb.Error, ValueError, TypeError) as exc:
             self.rollback()
             raise StorageError(
-                f"could not migrate {self.path} from storage schema version 1 to 2 (it is "
-                f"left at version 1): {str(exc).splitlines()[0]}") from exc
-        log.info("migrated %s from storage schema version 1 to 2 (%d collections)",
-                 self.path, len(rows))
+                f"could not migrate {self.path} from storage schema version {found} to "
+                f"{SCHEMA_VERSION} (it is left at version {found}): "
+                f"{str(exc).splitlines()[0]}") from exc
+        log.info("migrated %s from storage schema version %d to %d (%d collections)",
+                 self.path, found, SCHEMA_VERSION, len(self.load_records()))
+
+    @staticmethod
+    def _migrate_v1_rows(cur: duckdb.DuckDBPyConnection) -> list[Any]:
+        """The 1 -> 2 step inside the migration's transaction; the collections' rows."""
+        for column in V2_COLUMNS:
+            cur.execute(f"ALTER TABLE {COLLECTIONS_TABLE} ADD COLUMN {column}")
+        rows = cur.execute(f"SELECT name, dim, dtype, columns, vector_column "
+                           f"FROM {COLLECTIONS_TABLE}").fetchall()
+        for name, dim, dtype, columns, vector_column in rows:
+            order = ["id", vector_column, *json.loads(columns)]
+            f16 = ", F16" if dtype == "float16" else ""
+            cur.execute(f"UPDATE {COLLECTIONS_TABLE} SET column_order = $o, "
+                        "vector_type = $t, auto_increment = false WHERE name = $n",
+                        {"o": json.dumps(order), "t": f"VECTOR({int(dim)}{f16})", "n": name})
+        return rows
 
     # The commit sequence: one number in the meta table, bumped inside every transaction
     # that changes vectors, so a reader's snapshot says which writes it holds.
@@ -293,6 +313,33 @@ class Storage:
         return [CollectionRecord(r[0], int(r[1]), r[2], r[3], json.loads(r[4]), bool(r[5]), r[6],
                                  json.loads(r[7]), r[8], bool(r[9]),
                                  None if r[10] is None else int(r[10])) for r in rows]
+
+    # -- trained models (caller holds the writer mutex) --------------------------------
+
+    def load_models(self) -> list[dict[str, Any]]:
+        """Every stored model's row, by name (weights as bytes)."""
+        rows = self.writer.execute(f"SELECT {', '.join(MODEL_FIELDS)} FROM {MODELS_TABLE} "
+                                   "ORDER BY name").fetchall()
+        return [dict(zip(MODEL_FIELDS, r, strict=True)) for r in rows]
+
+    def put_model(self, row: dict[str, Any]) -> None:
+        """Store one finished model in one transaction (all of it, or nothing)."""
+        values = [row[f] for f in MODEL_FIELDS]
+        self.begin()
+        try:
+            self.writer.execute(f"INSERT INTO {MODELS_TABLE} ({', '.join(MODEL_FIELDS)}) "
+                                f"VALUES ({', '.join('?' * len(values))})", values)
+        except duckdb.Error as exc:
+            raise self._failed(exc, f"storing model {row['name']!r} failed") from exc
+        self.commit()
+
+    def delete_model(self, name: str) -> None:
+        self.begin()
+        try:
+            self.writer.execute(f"DELETE FROM {MODELS_TABLE} WHERE name = $n", {"n": name})
+        except duckdb.Error as exc:
+            raise self._failed(exc, f"dropping model {name!r} failed") from exc
+        self.commit()
 
     def create_table(self, rec: CollectionRecord) -> None:
         """The collection's table, its columns in declared order (thumbnails last)."""

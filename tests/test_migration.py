@@ -1,4 +1,4 @@
-"""Storage schema version 1 -> 2: a version-1 data directory, written here with the SQL
+"""Storage schema version 1 -> 3: a version-1 data directory, written here with the SQL
 that version 1 ran, is migrated in place at open, in one transaction."""
 
 from __future__ import annotations
@@ -14,7 +14,13 @@ import pytest
 import service.storage
 from service.collections import CollectionStore
 from service.errors import StorageError
-from service.storage import COLLECTIONS_TABLE, DB_FILENAME, META_TABLE, RECORD_FIELDS
+from service.storage import (
+    COLLECTIONS_TABLE,
+    DB_FILENAME,
+    META_TABLE,
+    RECORD_FIELDS,
+    SCHEMA_VERSION,
+)
 
 D = 6
 N = 40
@@ -111,7 +117,7 @@ def test_a_version_1_directory_is_migrated_at_open(tmp_path: Path,
         store.upsert("photos", [N], vectors[:1], [{"label": "new"}], [b"t"])
         store.add_column("photos", "score", "DOUBLE")
         store.upsert("tiny", [N], _vectors(2)[:1])
-    assert _stored(tmp_path) == ("2", list(RECORD_FIELDS))
+    assert _stored(tmp_path) == (str(SCHEMA_VERSION), list(RECORD_FIELDS))
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="service.storage"):
         store = CollectionStore(tmp_path, backend="cpu")
@@ -123,7 +129,7 @@ def test_a_version_1_directory_is_migrated_at_open(tmp_path: Path,
         assert store.get_vector("photos", N)[1] == {"year": None, "label": "new",
                                                     "extra": None, "score": None}
         assert store.get_thumbnail("photos", N) == b"t"
-    assert _stored(tmp_path)[0] == "2"
+    assert _stored(tmp_path)[0] == str(SCHEMA_VERSION)
 
 
 def test_an_empty_version_1_directory_is_migrated(tmp_path: Path) -> None:
@@ -137,7 +143,7 @@ def test_an_empty_version_1_directory_is_migrated(tmp_path: Path) -> None:
     with CollectionStore(tmp_path, backend="cpu") as store:
         assert store.names() == []
         assert store.create_collection("c", D).column_order == ["id", "feature"]
-    assert _stored(tmp_path) == ("2", list(RECORD_FIELDS))
+    assert _stored(tmp_path) == (str(SCHEMA_VERSION), list(RECORD_FIELDS))
 
 
 @pytest.mark.parametrize("broken", ["statement", "row"])
@@ -163,4 +169,4 @@ def test_a_failed_migration_leaves_version_1(tmp_path: Path, monkeypatch: pytest
         assert store.get_collection("photos").column_order == ["id", "feature", "year",
                                                                "label", "extra"]
         assert store.get_collection("tiny").count == N
-    assert _stored(tmp_path) == ("2", list(RECORD_FIELDS))
+    assert _stored(tmp_path) == (str(SCHEMA_VERSION), list(RECORD_FIELDS))

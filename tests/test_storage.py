@@ -140,7 +140,7 @@ def test_float16_and_cosine_collections_reload(tmp_path: Path) -> None:
             assert [[h.id for h in r] for r in b] == [[h.id for h in r] for r in a]
 
 
-@pytest.mark.parametrize(("stored", "shown"), [("999", "'999'"), ("3", "'3'"), ("x", "'x'"),
+@pytest.mark.parametrize(("stored", "shown"), [("999", "'999'"), ("4", "'4'"), ("x", "'x'"),
                                                (None, "None")])
 def test_schema_version_mismatch_is_refused(tmp_path: Path, stored: str | None,
                                             shown: str) -> None:

@@ -2,9 +2,10 @@
 
 `dotsearch serve` runs as a subprocess with real photographs loaded; the page uploads an
 image, shows its neighbours (its own stored copy first), searches "more like this" by SQL,
-runs SQL and shows a broken query's error. Screenshots of every step go to the test's
-output folder; with DOTSEARCH_UPDATE_SCREENSHOTS=1 the main ones are also copied to
-docs/screenshots/ for the README.
+runs SQL and shows a broken query's error; a second test trains a classifier in the Train
+panel and sees its prediction beside the neighbours' vote. Screenshots of every step go to
+the test's output folder; with DOTSEARCH_UPDATE_SCREENSHOTS=1 the main ones are also copied
+to docs/screenshots/ for the README.
 """
 
 from __future__ import annotations
@@ -356,4 +357,193 @@ def test_page_end_to_end(server: str, browser: Any, photo_files: dict[str, Path]
                 with Image.open(path) as img:
                     small_png = img.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE)
                 small_png.save(DOCS_SHOTS / f"web_{name}", optimize=True)
+    print(f"screenshots: {shots}")
+
+
+TRAIN = "trainset"
+# A class per photograph: its feature vector and noisy copies of it, stored as vectors.
+TRAIN_CLASSES = {"astronaut": "person", "coffee": "cup", "chelsea": "cat"}
+PER_CLASS = 30
+SLOW = 60_000  # ms: what waits on the server's featurizer or training on 2 shared cores
+
+
+def labelled_vectors(base: str, photo_files: dict[str, Path]) -> None:
+    """The TRAIN collection: PER_CLASS noisy copies of each photograph's feature vector
+    (the server's own featurizer), labelled with its class; `single` has one value only."""
+    import numpy as np
+
+    centres = {}
+    for name in TRAIN_CLASSES:
+        r = httpx.post(f"{base}/v1/featurize", timeout=120, files={
+            "file": (f"{name}.jpg", photo_files[name].read_bytes(), "image/jpeg")})
+        assert r.status_code == 200, r.text
+        centres[name] = np.asarray(r.json()["vector"], dtype=np.float64)
+    dim = len(next(iter(centres.values())))
+    # Noise well inside half the smallest distance between centres: clusters that a linear
+    # model separates, and whose nearest neighbours vote for the right class.
+    gap = min(np.linalg.norm(a - b) for i, a in enumerate(centres.values())
+              for b in list(centres.values())[i + 1:])
+    rng = np.random.default_rng(11)
+    vectors, metadata = [], []
+    for name, label in TRAIN_CLASSES.items():
+        noise = rng.standard_normal((PER_CLASS, dim))
+        noise *= 0.2 * gap / np.linalg.norm(noise, axis=1, keepdims=True)
+        vectors += (centres[name] + noise).tolist()
+        metadata += [{"label": label, "single": "same"}] * PER_CLASS
+    r = httpx.post(f"{base}/v1/collections", timeout=30, json={
+        "name": TRAIN, "dim": dim, "columns": {"label": "VARCHAR", "single": "VARCHAR"}})
+    assert r.status_code == 201, r.text
+    r = httpx.post(f"{base}/v1/collections/{TRAIN}/vectors", timeout=120,
+                   json={"vectors": vectors, "metadata": metadata})
+    assert r.status_code == 200, r.text
+
+
+def test_train_panel_end_to_end(server: str, browser: Any, photo_files: dict[str, Path],
+                                shots: Path) -> None:
+    """Train a classifier through the page, watch it, read its metrics and confusion
+    matrix, see its prediction beside the neighbours' vote, cancel a training, drop a model."""
+    labelled_vectors(server, photo_files)
+    errors: list[str] = []
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    page = context.new_page()
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.set_default_timeout(60_000)
+    saved: list[Path] = []
+
+    def shot(name: str, target: Any = None, **options: Any) -> None:
+        path = shots / f"train_{len(saved) + 1:02d}_{name}.png"
+        (target or page).screenshot(path=str(path), **options)
+        saved.append(path)
+
+    page.goto(f"{server}/")
+
+    # 1. The form offers the collection's metadata columns and a model name of its own.
+    page.select_option("#train-collection", TRAIN)
+    sync_api.expect(page.locator("#train-label")).to_have_value("label")
+    labels = page.locator("#train-label option").all_inner_texts()
+    assert [t.split()[0] for t in labels] == ["label", "single"]
+    page.select_option("#train-kind", "logistic")
+    sync_api.expect(page.locator("#train-name")).to_have_value(f"{TRAIN}_logistic")
+
+    # 2. A column with one value cannot be learnt: the service's own message is shown.
+    page.select_option("#train-label", "single")
+    page.fill("#train-epochs", "20")
+    page.click("#train-button")
+    status = page.locator("#train-status")
+    sync_api.expect(status).to_have_class(re.compile(r"\berror\b"), timeout=SLOW)
+    sync_api.expect(status).to_contain_text("class")
+    sync_api.expect(page.locator("#train-button")).to_be_enabled()
+    assert not page.locator(f"#models li[data-name='{TRAIN}_logistic'] .state-ready").count()
+
+    # 3. Train on the label column: progress to done, then accuracy and the confusion matrix.
+    page.select_option("#train-label", "label")
+    page.click("#train-button")
+    sync_api.expect(page.locator("#train-progress-box")).to_be_visible()
+    sync_api.expect(page.locator("#train-progress-label")).to_contain_text("Done", timeout=SLOW)
+    sync_api.expect(status).to_contain_text("holdout accuracy")
+    progress = page.locator("#train-progress")
+    assert progress.get_attribute("value") == progress.get_attribute("max") == "20"
+    accuracy = page.locator("#train-metrics .metric-accuracy dd")
+    sync_api.expect(accuracy).to_be_visible()
+    assert float(accuracy.inner_text().split()[0]) >= 0.9
+    assert float(page.locator("#train-metrics .metric-f1 dd").inner_text()) >= 0.9
+    cells = page.locator("#confusion tbody td.cell")
+    sync_api.expect(cells).to_have_count(len(TRAIN_CLASSES) ** 2)
+    assert sorted(page.locator("#confusion thead th").all_inner_texts()) == sorted(
+        TRAIN_CLASSES.values())
+    diagonal = page.locator("#confusion tbody td.diag")
+    sync_api.expect(diagonal).to_have_count(len(TRAIN_CLASSES))
+    holdout = sum(int(c) for c in cells.all_inner_texts())
+    assert holdout > 0 and sum(int(c) for c in diagonal.all_inner_texts()) >= 0.9 * holdout
+    # The picture: each cell is shaded by its share of the row (opaque at 1), so here the
+    # diagonal is dark and the rest pale.
+    shading = ("cells => cells.map(e => [Number(e.dataset.share), "
+               "getComputedStyle(e).backgroundColor])")
+    for share, colour in cells.evaluate_all(shading):
+        assert colour.startswith("rgb")
+        assert (share > 0.8) == (colour == "rgb(31, 95, 191)") or 0.0 < share <= 0.8
+    assert min(share for share, _ in diagonal.evaluate_all(shading)) > 0.8
+    sync_api.expect(page.locator("#per-class tbody tr")).to_have_count(len(TRAIN_CLASSES))
+    model = page.locator(f"#models li[data-name='{TRAIN}_logistic']")
+    sync_api.expect(model.locator(".model-state")).to_have_text("ready")
+    sync_api.expect(model).to_contain_text("accuracy")
+    sync_api.expect(page.locator("#train-name")).to_have_value(f"{TRAIN}_logistic_2")
+    shot("trained", page.locator("#train"))
+
+    # 4. Keyboard: "Show" is a button reached with Tab and pressed with Enter.
+    page.locator("#train-result").evaluate("e => { e.hidden = true; }")
+    model.locator(".show-model").focus()
+    page.keyboard.press("Enter")
+    sync_api.expect(page.locator("#train-result")).to_be_visible()
+    sync_api.expect(page.locator("#train-result-title")).to_be_focused()
+    sync_api.expect(page.locator("#train-result-title")).to_contain_text(f"{TRAIN}_logistic")
+
+    # 4b. On a phone-sized screen the panel and its matrix fit the width.
+    phone = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True,
+                                has_touch=True)
+    small = phone.new_page()
+    small.on("pageerror", lambda exc: errors.append(str(exc)))
+    small.goto(f"{server}/")
+    small.locator(f"#models li[data-name='{TRAIN}_logistic'] .show-model").click()
+    sync_api.expect(small.locator("#confusion tbody td.cell")).to_have_count(
+        len(TRAIN_CLASSES) ** 2, timeout=SLOW)
+    assert small.evaluate("document.documentElement.scrollWidth") <= 390
+    shot("phone", small.locator("#train"))
+    phone.close()
+
+    # 5. Search by image in the collection: the model's prediction beside the kNN vote.
+    page.select_option("#search-collection", TRAIN)
+    page.set_input_files("#search-file", str(photo_files["chelsea"]))
+    sync_api.expect(page.locator("#voted-label")).to_have_text("cat", timeout=SLOW)
+    predicted = page.locator(f"#model-prediction-list li[data-model='{TRAIN}_logistic']")
+    sync_api.expect(predicted).to_have_class("ok", timeout=SLOW)
+    sync_api.expect(predicted.locator(".predicted-label")).to_have_text("cat")
+    sync_api.expect(predicted.locator(".predicted-detail")).to_contain_text("%")
+    shot("prediction", page.locator("#search"))
+
+    # 6. A long training started elsewhere (here over REST) is followed, and cancelled from
+    # the list.
+    r = httpx.post(f"{server}/v1/models", timeout=30, json={
+        "name": f"{TRAIN}_mlp", "collection": TRAIN, "label_column": "label", "kind": "mlp",
+        "hidden": 8192, "epochs": 1000})
+    assert r.status_code == 202, r.text
+    page.reload()
+    mlp = page.locator(f"#models li[data-name='{TRAIN}_mlp']")
+    sync_api.expect(mlp.locator(".model-state")).to_have_text("training", timeout=SLOW)
+    sync_api.expect(page.locator("#train-progress-label")).to_contain_text(
+        re.compile(r"epoch \d+ of 1000"), timeout=SLOW)
+    sync_api.expect(page.locator("#train-button")).to_be_disabled()
+    sync_api.expect(page.locator("#train-loss")).to_be_visible(timeout=SLOW)  # epoch by epoch
+    sync_api.expect(page.locator("#train-loss-title")).to_contain_text("Loss by epoch: from")
+    shot("training", page.locator("#train"))
+    mlp.locator(".cancel-model").click()
+    sync_api.expect(status).to_contain_text(f"Cancelled the training of “{TRAIN}_mlp”",
+                                             timeout=SLOW)
+    sync_api.expect(page.locator("#models .state-training")).to_have_count(0)
+    sync_api.expect(page.locator("#train-button")).to_be_enabled()
+    shot("cancelled", page.locator("#train"))
+
+    # 7. Drop the model (after a confirmation): no prediction beside the vote any more.
+    page.once("dialog", lambda dialog: dialog.accept())
+    model.locator(".drop-model").click()
+    sync_api.expect(status).to_contain_text(f"Dropped model “{TRAIN}_logistic”")
+    sync_api.expect(model).to_have_count(0)
+    sync_api.expect(page.locator("#train-result")).to_be_hidden()
+    page.select_option("#search-collection", TRAIN)
+    page.set_input_files("#search-file", str(photo_files["chelsea"]))
+    sync_api.expect(page.locator("#voted-label")).to_have_text("cat", timeout=SLOW)
+    sync_api.expect(page.locator("#model-predictions")).to_be_hidden()
+    assert httpx.get(f"{server}/v1/models/{TRAIN}_logistic", timeout=10).status_code == 404
+    context.close()
+
+    assert not errors, errors
+    if os.environ.get("DOTSEARCH_UPDATE_SCREENSHOTS") == "1":
+        from PIL import Image
+
+        DOCS_SHOTS.mkdir(parents=True, exist_ok=True)
+        for path in saved:
+            with Image.open(path) as img:
+                small_png = img.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE)
+            name = re.sub(r"_\d+_", "_", path.name)  # train_01_trained.png -> train_trained.png
+            small_png.save(DOCS_SHOTS / f"web_{name}", optimize=True)
     print(f"screenshots: {shots}")

@@ -16,6 +16,8 @@ from service.errors import InvalidInput, QueryError
 from service.limits import Watch
 from service.sql.dialect import error_at, to_duckdb
 from service.sql.names import Resolver
+from service.sql.planner import _slow_arg as slow_arg
+from service.sql.predict import is_predict, rewrite_predict_slow
 from service.sql.vectors import (
     Context,
     Session,
@@ -255,6 +257,9 @@ def update(catalog: CollectionStore, stmt: exp.Update, ctx: Context) -> QueryRes
     ids = _matching_ids(ctx, table, stmt.args.get("where"))
     if len(ids) == 0:
         return QueryResult.affected(0)
+    for node in [n for a in stmt.expressions for n in a.expression.find_all(exp.Anonymous)]:
+        if is_predict(node):  # SET label = PREDICT(m, feature): the row-by-row functions
+            rewrite_predict_slow(node, lambda arg: slow_arg(arg, ctx))
     sets = ", ".join(
         f"{quote(a.this.name)} = CAST(({to_duckdb(a.expression)}) AS {rec.columns[a.this.name]})"
         for a in stmt.expressions

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import duckdb
@@ -26,6 +27,7 @@ from service.sql.access import authorize_script
 from service.sql.dialect import error_at, parse_script, to_duckdb
 from service.sql.functions import vector_values
 from service.sql.guards import check_depth, guard_error, guard_functions
+from service.sql.models import execute_model_statement, is_model_statement
 from service.sql.names import (
     Resolver,
     expand_aliases,
@@ -34,6 +36,7 @@ from service.sql.names import (
     vector_outputs,
 )
 from service.sql.planner import ScopePlan, plan_select, rewrite_all_slow
+from service.sql.predict import check_model_calls
 from service.sql.vectors import (
     MAX_VARIABLES,
     Context,
@@ -76,23 +79,35 @@ def execute_script(catalog: CollectionStore, sql: str,
         def reparse(number: int = number) -> exp.Expr:
             return parse_script(sql, max_tokens=limits.max_tokens)[number]
 
-        with catalog.watchdog.watch(limits, catalog.reader()) as watch:
-            try:
-                check_depth(stmt, limits.max_depth)
-                result = execute_statement(catalog, stmt, params, positional, watch, reparse,
-                                           session)
-            except DotsearchError:
-                raise
-            except IndexUnavailable as exc:  # a shard down: 503, never a partial answer
-                raise NotReady(str(exc)) from exc
-            except duckdb.Error as exc:
-                raise _duckdb_query_error(exc, stmt) from exc
-            except RecursionError as exc:
-                raise error_at("statement nested too deeply", stmt) from exc
-            except Exception as exc:  # never a traceback to the user
-                log.exception("unexpected failure running SQL")
-                raise QueryError(f"could not run statement: {type(exc).__name__}") from exc
+        check_depth(stmt, limits.max_depth)
+        if is_model_statement(stmt):
+            # Its query runs under the limits; training (bounded by the model limits) after.
+            with statement_errors(stmt):
+                result = execute_model_statement(catalog, stmt, params, positional, session,
+                                                 reparse)
+            continue
+        with catalog.watchdog.watch(limits, catalog.reader()) as watch, statement_errors(stmt):
+            result = execute_statement(catalog, stmt, params, positional, watch, reparse,
+                                       session)
     return result
+
+
+@contextlib.contextmanager
+def statement_errors(stmt: exp.Expr) -> Iterator[None]:
+    """Every failure of a statement as a DotsearchError (never a traceback to the user)."""
+    try:
+        yield
+    except DotsearchError:
+        raise
+    except IndexUnavailable as exc:  # a shard down: 503, never a partial answer
+        raise NotReady(str(exc)) from exc
+    except duckdb.Error as exc:
+        raise _duckdb_query_error(exc, stmt) from exc
+    except RecursionError as exc:
+        raise error_at("statement nested too deeply", stmt) from exc
+    except Exception as exc:
+        log.exception("unexpected failure running SQL")
+        raise QueryError(f"could not run statement: {type(exc).__name__}") from exc
 
 
 def _duckdb_query_error(exc: duckdb.Error, stmt: exp.Expr) -> DotsearchError:
@@ -142,6 +157,7 @@ def check_statement(stmt: exp.Expr, catalog: CollectionStore) -> None:
     for node in stmt.find_all(exp.Command, exp.Pragma, exp.Set, exp.Copy, exp.Attach):
         raise error_at("unsupported statement", node)
     guard_functions(stmt)
+    check_model_calls(stmt, catalog)
 
 
 def _new_context(catalog: CollectionStore, watch: Watch | None, session: Session,

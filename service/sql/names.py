@@ -243,7 +243,7 @@ def vector_outputs(stmt: exp.Expr, resolver: Resolver) -> dict[int, str]:
 # Functions the SQL face rewrites for DuckDB: their outputs keep the name the user wrote.
 REWRITTEN_FUNCTIONS = {"DOT_PRODUCT", "EUCLIDEAN_DISTANCE", "COSINE_SIMILARITY",
                        "COSINE_DISTANCE", "JSON_ARRAY_PACK", "JSON_ARRAY_UNPACK",
-                       "VECTOR_NUM_ELEMENTS", "LAST_INSERT_ID"}
+                       "VECTOR_NUM_ELEMENTS", "LAST_INSERT_ID", "PREDICT", "PREDICT_PROBA"}
 MAX_OUTPUT_NAME = 256
 
 

@@ -11,6 +11,7 @@ from sqlglot import exp
 from service.errors import InvalidInput
 from service.sql.dialect import error_at
 from service.sql.functions import UDF_NAMES
+from service.sql.predict import is_predict, plan_predictions, rewrite_predict_slow
 from service.sql.vectors import (
     HIGHER_IS_CLOSER,
     Context,
@@ -168,6 +169,8 @@ def plan_select(select: exp.Select, ctx: Context) -> list[ScopePlan]:
             continue
         if call.parent_select is select and call.root() is select.root():
             rewrite_slow(call, ctx)
+    if any(is_predict(n) and n.parent_select is select for n in select.find_all(exp.Anonymous)):
+        plan_predictions(select, ctx, tables)
     return plans
 
 
@@ -365,6 +368,9 @@ def rewrite_all_slow(stmt: exp.Expr, ctx: Context) -> None:
     """Every remaining vector function (outside planned scopes) onto the UDFs."""
     for node in list(stmt.find_all(exp.Func, exp.Distance)):
         if node.root() is not stmt.root():
+            continue
+        if is_predict(node):
+            rewrite_predict_slow(node, lambda arg: _slow_arg(arg, ctx))
             continue
         if vector_kind(node) or anonymous_name(node) in (
             "JSON_ARRAY_PACK", "JSON_ARRAY_UNPACK", "VECTOR_NUM_ELEMENTS"

@@ -19,6 +19,12 @@
     healthTimer: null,
     searchSeq: 0,             // ignore answers to searches that were superseded
     pendingSearch: false,     // an image chosen while the featurizer was still loading
+    models: [],               // ModelInfo of every trained model (GET /v1/models)
+    watching: null,           // the model whose training the Train panel follows
+    watchTimer: null,
+    watchStarted: 0,
+    lossTrail: [],            // [epoch, loss] of the training followed, as it was seen
+    shownModel: null,         // the model whose metrics the Train panel shows
   };
 
   /* ---------- small helpers ---------- */
@@ -42,7 +48,8 @@
 
   function clear(node) { node.replaceChildren(); }
 
-  function show(node, visible) { node.hidden = !visible; }
+  // The attribute, not the property: SVG elements have no `hidden` property.
+  function show(node, visible) { node.toggleAttribute("hidden", !visible); }
 
   function setStatus(node, text, kind) {
     node.textContent = text || "";
@@ -218,7 +225,10 @@
     }
     updateSearchAvailability();
 
-    if (health.status === "ok") await refreshCollections();
+    if (health.status === "ok") {
+      await refreshCollections();
+      refreshModels();
+    }
     if (state.pendingSearch && featurizerReady()) searchByImage();
     if (retry) scheduleHealth(retry);
   }
@@ -272,6 +282,7 @@
     for (const c of state.collections) datalist.append(el("option", { value: c.name }));
 
     maybeUpdateExampleSql();
+    renderTrainChoices();
     updateSearchAvailability();
   }
 
@@ -338,6 +349,7 @@
     setQueryPreview(state.queryUrl, `Your image: ${state.queryFile.name || "pasted image"}`);
     clear($("results"));
     show($("prediction"), false);
+    show($("model-predictions"), false);
     show($("imagenet"), false);
     show($("results-sql-box"), false);
     $("results-title").textContent = "Most similar";
@@ -395,6 +407,11 @@
           show($("prediction"), true);
         });
     }
+    // The models' predictions too, from a fresh list (one may have been trained meanwhile).
+    refreshModels().then(() => {
+      const models = readyModelsFor(c);
+      if (seq === state.searchSeq && models.length) predictWithModels(models, seq);
+    });
     const featurizer = state.health && state.health.featurizer;
     if (featurizer && featurizer.pretrained) {
       const f = new FormData();
@@ -485,6 +502,7 @@
       setQueryPreview(thumbnailUrl(collection, id), caption);
       $("results-title").textContent = `More like #${id}`;
       show($("prediction"), false);
+      show($("model-predictions"), false);
       show($("imagenet"), false);
       $("results-sql").textContent = sql;
       show($("results-sql-box"), true);
@@ -610,6 +628,469 @@
     });
   }
 
+  /* ---------- trained models: the Train panel, and predictions beside the vote ---------- */
+
+  const TRAIN_POLL_MS = 400;
+  const MODEL_STATES = { training: "training", ready: "ready", failed: "failed", cancelled: "cancelled" };
+  let trainNameTouched = false;
+
+  function modelUrl(name, suffix) {
+    return `/v1/models/${encodeURIComponent(name)}${suffix || ""}`;
+  }
+
+  function fmtRatio(x) {
+    return typeof x === "number" && Number.isFinite(x) ? x.toFixed(3) : "–";
+  }
+
+  function fmtLoss(x) {
+    if (typeof x !== "number" || !Number.isFinite(x)) return "–";
+    if (x === 0) return "0";
+    return Math.abs(x) < 1e-3 ? x.toExponential(2) : x.toPrecision(4);
+  }
+
+  function fmtPercent(p) {
+    return typeof p === "number" && Number.isFinite(p) ? `${(100 * p).toFixed(1)}%` : "";
+  }
+
+  async function refreshModels() {
+    try {
+      state.models = (await api("/v1/models")).models || [];
+      // A training started elsewhere (another tab, SQL, the CLI) is followed here too.
+      const training = state.models.find((m) => m.state === "training");
+      if (training && !state.watching) watchModel(training);
+    } catch (err) {
+      state.models = [];
+      if (!(err instanceof ApiError && (err.status === 401 || err.status === 403))) {
+        setStatus($("train-status"), `Could not list the models: ${errorText(err)}`, "error");
+      }
+    }
+    renderModels();
+  }
+
+  function readyModelsFor(collection) {
+    return state.models.filter((m) => m.state === "ready" && m.collection === collection.name &&
+      (!m.dim || !collection.dim || m.dim === collection.dim));
+  }
+
+  /** The collection and label-column choices of the form, kept in step with the collections. */
+  function renderTrainChoices() {
+    const select = $("train-collection");
+    const previous = select.value;
+    clear(select);
+    for (const c of state.collections) {
+      select.append(el("option", { value: c.name, text: `${c.name} (${c.count})` }));
+    }
+    const names = state.collections.map((c) => c.name);
+    if (names.includes(previous)) select.value = previous;
+    else if (state.collections.length) {  // the first collection with a label column
+      const labelled = state.collections.find((c) => c.columns && "label" in c.columns);
+      select.value = (labelled || state.collections[0]).name;
+    }
+    renderLabelChoices();
+  }
+
+  function renderLabelChoices() {
+    const c = state.collections.find((x) => x.name === $("train-collection").value) || null;
+    const select = $("train-label");
+    const previous = select.value;
+    clear(select);
+    const columns = Object.entries((c && c.columns) || {});
+    for (const [name, type] of columns) {
+      select.append(el("option", { value: name, text: `${name} (${type})` }));
+    }
+    const choices = columns.map(([name]) => name);
+    if (choices.includes(previous)) select.value = previous;
+    else if (choices.includes("label")) select.value = "label";
+    suggestModelName();
+    $("train-button").disabled = !(c && columns.length) || !!state.watching;
+    // A hint about what is missing, cleared once it no longer applies (and only then).
+    const hint = !state.collections.length ? "There is nothing to train on yet: add labelled images first."
+      : c && !columns.length ? `Collection “${c.name}” has no metadata column to learn: add a label column to it first.`
+        : "";
+    const status = $("train-status");
+    if (hint && !state.watching) {
+      setStatus(status, hint);
+      status.dataset.hint = hint;
+    } else if (status.dataset.hint && status.textContent === status.dataset.hint) {
+      setStatus(status, "");
+    }
+    if (!hint) delete status.dataset.hint;
+  }
+
+  /** A free model name from the collection and kind, until the user types one. */
+  function suggestModelName() {
+    if (trainNameTouched) return;
+    const collection = $("train-collection").value;
+    if (!collection) return;
+    const base = `${collection}_${$("train-kind").value}`.slice(0, 60);
+    const taken = new Set(state.models.map((m) => m.name.toLowerCase()));
+    let name = base;
+    for (let i = 2; taken.has(name.toLowerCase()); i++) name = `${base}_${i}`;
+    $("train-name").value = name;
+  }
+
+  function stateBadge(model) {
+    const name = MODEL_STATES[model.state] || "unknown";
+    return el("span", { class: `model-state state-${name}`, text: model.state || "?" });
+  }
+
+  function renderModels() {
+    const ul = $("models");
+    clear(ul);
+    for (const m of state.models) {
+      const progress = m.progress || {};
+      const metrics = m.metrics || {};
+      let detail = "";
+      if (m.state === "training") {
+        detail = progress.epochs ? `epoch ${progress.epoch || 0} of ${progress.epochs}` : "starting";
+      } else if (m.state === "ready" && typeof metrics.accuracy === "number") {
+        detail = `accuracy ${fmtRatio(metrics.accuracy)}, macro F1 ${fmtRatio(metrics.macro_f1)}`;
+      } else if (m.error) {
+        detail = m.error;
+      }
+      const training = m.state === "training";
+      const actions = el("span", { class: "model-actions" });
+      if (m.state === "ready") {
+        actions.append(el("button", {
+          type: "button", class: "show-model", text: "Show",
+          "aria-label": `Show the metrics of model ${m.name}`,
+          onclick: () => showModel(m.name),
+        }));
+      }
+      actions.append(el("button", {
+        type: "button", class: training ? "cancel-model" : "drop-model",
+        text: training ? "Cancel" : "Drop",
+        "aria-label": `${training ? "Cancel the training of" : "Drop"} model ${m.name}`,
+        onclick: () => dropModel(m.name, training),
+      }));
+      ul.append(el("li", { class: "model-item", "data-name": m.name },
+        el("span", { class: "model-name", text: m.name }),
+        el("span", { class: "muted", text: `${m.kind || "?"} · ${m.collection || "?"}.${m.label_column || "?"}` +
+          (Array.isArray(m.classes) && m.classes.length ? ` · ${m.classes.length} classes` : "") }),
+        stateBadge(m),
+        detail ? el("span", { class: "model-detail", text: detail }) : null,
+        actions));
+    }
+    show($("models-empty"), state.models.length === 0);
+    suggestModelName();
+  }
+
+  async function startTraining() {
+    const status = $("train-status");
+    const collection = $("train-collection").value;
+    const labelColumn = $("train-label").value;
+    const kind = $("train-kind").value;
+    const name = $("train-name").value.trim();
+    const filter = $("train-filter").value.trim();
+    const epochsText = $("train-epochs").value.trim();
+    const holdoutText = $("train-holdout").value.trim();
+    const fail = (text, field) => { setStatus(status, text, "error"); if (field) $(field).focus(); };
+    if (!collection) return fail("Choose a collection first (or add images to create one).", "train-collection");
+    if (!labelColumn) return fail("Choose the column the model should predict.", "train-label");
+    if (!NAME_RE.test(name)) {
+      return fail("A model name starts with a letter or _ and has only letters, digits and _ (at most 63).", "train-name");
+    }
+    const body = { name, collection, label_column: labelColumn, kind };
+    if (epochsText) {
+      const epochs = Number(epochsText);
+      if (!Number.isInteger(epochs) || epochs < 1) return fail("Epochs is a whole number, at least 1.", "train-epochs");
+      body.epochs = epochs;
+    }
+    if (holdoutText) {
+      const holdout = Number(holdoutText);
+      if (!Number.isFinite(holdout) || holdout <= 0 || holdout >= 1) {
+        return fail("The holdout is the share of rows kept for measuring, between 0 and 1.", "train-holdout");
+      }
+      body.holdout = holdout;
+    }
+    if (filter) body.filter = filter;
+    $("train-button").disabled = true;
+    setStatus(status, `Starting to train “${name}”…`, "busy");
+    try {
+      const info = await postJson("/v1/models", body);
+      trainNameTouched = false;
+      watchModel(info || { name, state: "training" });
+      refreshModels();
+    } catch (err) {
+      setStatus(status, `Training did not start: ${errorText(err)}`, "error");
+      $("train-button").disabled = false;
+    }
+  }
+
+  /** Follow one model's training: poll GET /v1/models/{name} until it is no longer training. */
+  function watchModel(info) {
+    clearTimeout(state.watchTimer);
+    state.watching = info.name;
+    state.watchStarted = performance.now();
+    state.lossTrail = [];
+    show($("train-loss"), false);
+    $("train-button").disabled = true;
+    show($("train-progress-box"), true);
+    renderProgress(info);
+    if (info.state === "training") state.watchTimer = setTimeout(pollModel, TRAIN_POLL_MS);
+    else trainingEnded(info);
+  }
+
+  async function pollModel() {
+    const name = state.watching;
+    if (!name) return;
+    let info;
+    try {
+      info = await api(modelUrl(name));
+    } catch (err) {
+      if (state.watching !== name) return;
+      state.watching = null;
+      setStatus($("train-status"), `Lost track of “${name}”: ${errorText(err)}`, "error");
+      $("train-progress-label").textContent = "Stopped";
+      renderLabelChoices();
+      refreshModels();
+      return;
+    }
+    if (state.watching !== name) return;
+    renderProgress(info);
+    if (info.state === "training") {
+      state.watchTimer = setTimeout(pollModel, TRAIN_POLL_MS);
+      const row = state.models.find((m) => m.name === name);
+      if (row) { row.progress = info.progress; renderModels(); }
+    } else {
+      trainingEnded(info);
+    }
+  }
+
+  function renderProgress(info) {
+    const p = info.progress || {};
+    const bar = $("train-progress");
+    const epochs = Number(p.epochs) || 0;
+    const epoch = Number(p.epoch) || 0;
+    const label = $("train-progress-label");
+    if (epochs && epoch && typeof p.loss === "number" && Number.isFinite(p.loss)) {
+      const last = state.lossTrail[state.lossTrail.length - 1];
+      if (!last || epoch > last[0]) state.lossTrail.push([epoch, p.loss]);
+      drawLoss();
+    }
+    if (info.state === "training") {
+      if (epochs) {
+        bar.max = epochs;
+        bar.value = Math.min(epoch, epochs);
+        label.textContent = `Training “${info.name}”: epoch ${epoch} of ${epochs}, loss ${fmtLoss(p.loss)}`;
+      } else {
+        bar.removeAttribute("value");   // indeterminate until the first epoch
+        label.textContent = `Training “${info.name}”: preparing the data…`;
+      }
+      setStatus($("train-status"), `Training “${info.name}” (${info.kind || "model"} on ${info.collection || "?"}.${info.label_column || "?"})…`, "busy");
+    } else if (info.state === "ready") {
+      bar.max = epochs || 1;
+      bar.value = epochs || 1;
+      label.textContent = `Done: ${epochs || "all"} epochs${p.loss !== undefined && p.loss !== null ? `, final loss ${fmtLoss(p.loss)}` : ""}`;
+    } else {
+      label.textContent = info.state === "cancelled" ? `Cancelled at epoch ${epoch}` : `Stopped at epoch ${epoch}`;
+    }
+  }
+
+  /** The losses seen so far, as a line over the epochs (its text: the progress label). */
+  function drawLoss() {
+    const trail = state.lossTrail;
+    const chart = $("train-loss");
+    if (trail.length < 2) { show(chart, false); return; }
+    // Scaled to the epochs seen so far, so a long training's first epochs fill the chart.
+    const top = Math.max(...trail.map(([, loss]) => loss)) || 1;
+    const first = trail[0][0];
+    const span = Math.max(trail[trail.length - 1][0] - first, 1);
+    const points = trail.map(([epoch, loss]) =>
+      `${(2 + 156 * (epoch - first) / span).toFixed(1)},${(30 - 28 * loss / top).toFixed(1)}`);
+    $("train-loss-line").setAttribute("points", points.join(" "));
+    $("train-loss-title").textContent = `Loss by epoch: from ${fmtLoss(trail[0][1])} at epoch ${trail[0][0]} ` +
+      `to ${fmtLoss(trail[trail.length - 1][1])} at epoch ${trail[trail.length - 1][0]}`;
+    show(chart, true);
+  }
+
+  function trainingEnded(info) {
+    clearTimeout(state.watchTimer);
+    state.watching = null;
+    const status = $("train-status");
+    const seconds = ((performance.now() - (state.watchStarted || performance.now())) / 1000).toFixed(1);
+    if (info.state === "ready") {
+      const m = info.metrics || {};
+      setStatus(status, `Trained “${info.name}” in ${seconds} s: holdout accuracy ${fmtRatio(m.accuracy)}, macro F1 ${fmtRatio(m.macro_f1)}.`);
+      renderModelResult(info);
+    } else if (info.state === "cancelled") {
+      setStatus(status, `The training of “${info.name}” was cancelled.`);
+    } else {
+      setStatus(status, `Training “${info.name}” failed: ${info.error || "no reason given"}`, "error");
+    }
+    renderLabelChoices();
+    refreshModels();
+  }
+
+  async function showModel(name) {
+    try {
+      const info = await api(modelUrl(name));
+      renderModelResult(info);
+      $("train-result-title").focus({ preventScroll: false });
+    } catch (err) {
+      setStatus($("train-status"), `Could not read model “${name}”: ${errorText(err)}`, "error");
+    }
+  }
+
+  async function dropModel(name, training) {
+    if (!training && !window.confirm(`Drop model “${name}”? It cannot be undone.`)) return;
+    const status = $("train-status");
+    try {
+      await api(modelUrl(name), { method: "DELETE" });
+      setStatus(status, training ? `Cancelled the training of “${name}”.` : `Dropped model “${name}”.`);
+      if (state.shownModel === name) show($("train-result"), false);
+      if (state.watching === name) {
+        clearTimeout(state.watchTimer);
+        state.watching = null;
+        $("train-progress-label").textContent = "Cancelled";
+        renderLabelChoices();
+      }
+    } catch (err) {
+      setStatus(status, `Could not ${training ? "cancel" : "drop"} “${name}”: ${errorText(err)}`, "error");
+    }
+    refreshModels();
+  }
+
+  /** Holdout metrics: the figures, the confusion matrix as a heat map, and per-class scores. */
+  function renderModelResult(info) {
+    state.shownModel = info.name;
+    const m = info.metrics || {};
+    const counts = m.counts || {};
+    const opts = info.options || {};
+    $("train-result-title").textContent = `Model “${info.name}”`;
+    const classes = Array.isArray(info.classes) ? info.classes : [];
+    $("train-result-meta").textContent = `${info.kind || "?"} on ${info.collection || "?"}.${info.label_column || "?"}, ` +
+      `${info.dim || "?"}-d vectors, ${classes.length} classes` +
+      (opts.epochs ? `, ${opts.epochs} epochs` : "") +
+      (info.kind === "mlp" && opts.hidden ? `, ${opts.hidden} hidden units` : "") +
+      (info.created_at ? `, created ${new Date(info.created_at).toLocaleString()}` : "");
+    const dl = $("train-metrics");
+    clear(dl);
+    const item = (term, value, cls) => dl.append(el("div", { class: cls || "" }, el("dt", { text: term }), el("dd", { text: value })));
+    item("Accuracy", `${fmtRatio(m.accuracy)} (${fmtPercent(m.accuracy) || "–"})`, "metric-accuracy");
+    item("Macro F1", fmtRatio(m.macro_f1), "metric-f1");
+    if (counts.train !== undefined) item("Training rows", String(counts.train));
+    if (counts.holdout !== undefined) item("Holdout rows", String(counts.holdout));
+    if (counts.skipped_null_labels) item("Skipped (no label)", String(counts.skipped_null_labels));
+    renderConfusion(m.confusion || null);
+    const tbody = $("per-class").tBodies[0];
+    clear(tbody);
+    for (const [label, c] of Object.entries(m.per_class || {})) {
+      tbody.append(el("tr", {}, el("th", { scope: "row", text: label }),
+        el("td", { class: "num", text: fmtRatio(c.precision) }),
+        el("td", { class: "num", text: fmtRatio(c.recall) }),
+        el("td", { class: "num", text: c.support === undefined ? "" : String(c.support) })));
+    }
+    show($("train-result"), true);
+  }
+
+  function renderConfusion(confusion) {
+    const table = $("confusion");
+    const thead = table.tHead;
+    const tbody = table.tBodies[0];
+    clear(thead);
+    clear(tbody);
+    const labels = (confusion && confusion.labels) || [];
+    const matrix = (confusion && confusion.matrix) || [];
+    // Many or long labels: the column headers stand upright so the grid stays square.
+    table.classList.toggle("upright", labels.length > 6 || labels.some((l) => String(l).length > 8));
+    const head = el("tr", {}, el("td", { class: "corner", text: "true \u2193 predicted \u2192" }));
+    for (const label of labels) head.append(el("th", { scope: "col", text: label, title: `predicted ${label}` }));
+    thead.append(head);
+    labels.forEach((truth, i) => {
+      const row = matrix[i] || [];
+      const total = row.reduce((a, b) => a + (Number(b) || 0), 0);
+      const tr = el("tr", {}, el("th", { scope: "row", text: truth, title: `true ${truth}` }));
+      labels.forEach((predicted, j) => {
+        const n = Number(row[j]) || 0;
+        const share = total ? n / total : 0;
+        const cell = el("td", {
+          class: `cell${i === j ? " diag" : ""}${share > 0.55 ? " dark" : ""}`,
+          text: String(n),
+          title: `true ${truth}, predicted ${predicted}: ${n} of ${total} (${fmtPercent(share)})`,
+        });
+        // Colour is a share of the row, so a rare class is as readable as a common one.
+        cell.style.backgroundColor = `rgba(31, 95, 191, ${(0.06 + 0.94 * share).toFixed(3)})`;
+        cell.dataset.share = share.toFixed(4);
+        tr.append(cell);
+      });
+      tbody.append(tr);
+    });
+    show(table.closest(".confusion-figure"), labels.length > 0);
+  }
+
+  /** Each ready model of the collection predicts the query image: beside the neighbours' vote. */
+  async function predictWithModels(models, seq) {
+    const box = $("model-predictions");
+    const list = $("model-prediction-list");
+    clear(list);
+    const rows = new Map();
+    for (const m of models) {
+      const li = el("li", { class: "pending", "data-model": m.name },
+        el("span", { class: "model-name", text: m.name }), " ",
+        el("span", { class: "predicted-label", text: "…" }), " ",
+        el("span", { class: "muted predicted-detail", text: "" }));
+      rows.set(m.name, li);
+      list.append(li);
+    }
+    show(box, true);
+    // One model: it featurizes the image itself. Several: featurize once, send the vector.
+    let input;
+    try {
+      if (models.length === 1) {
+        input = () => {
+          const f = new FormData();
+          f.append("file", state.queryFile, state.queryFile.name || "pasted.png");
+          return { method: "POST", body: f };
+        };
+      } else {
+        const f = new FormData();
+        f.append("file", state.queryFile, state.queryFile.name || "pasted.png");
+        const vector = (await postForm("/v1/featurize", f)).vector;
+        input = () => ({ method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ vector }) });
+      }
+    } catch (err) {
+      if (seq !== state.searchSeq) return;
+      for (const li of rows.values()) {
+        li.className = "failed";
+        li.querySelector(".predicted-label").textContent = "no prediction";
+        li.querySelector(".predicted-detail").textContent = errorText(err);
+      }
+      return;
+    }
+    await Promise.all(models.map(async (m) => {
+      const li = rows.get(m.name);
+      try {
+        const out = await api(modelUrl(m.name, "/predict"), input());
+        if (seq !== state.searchSeq) return;
+        const probs = out.probabilities || [];
+        const top = probs.find((p) => p.label === out.label);
+        li.className = "ok";
+        li.querySelector(".predicted-label").textContent = out.label === null || out.label === undefined ? "?" : String(out.label);
+        const rest = probs.filter((p) => p.label !== out.label).slice(0, 2)
+          .map((p) => `${p.label} ${fmtPercent(p.probability)}`);
+        li.querySelector(".predicted-detail").textContent =
+          `${top ? fmtPercent(top.probability) : ""}${rest.length ? ` (then ${rest.join(", ")})` : ""} · ${m.kind || "model"}`;
+      } catch (err) {
+        if (seq !== state.searchSeq) return;
+        li.className = "failed";
+        li.querySelector(".predicted-label").textContent = "no prediction";
+        li.querySelector(".predicted-detail").textContent = errorText(err);
+      }
+    }));
+  }
+
+  function setupTrain() {
+    $("train-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      startTraining();
+    });
+    $("train-collection").addEventListener("change", renderLabelChoices);
+    $("train-kind").addEventListener("change", suggestModelName);
+    $("train-name").addEventListener("input", () => { trainNameTouched = $("train-name").value.trim() !== ""; });
+  }
+
+
   /* ---------- SQL console ---------- */
 
   let exampleTouched = false;
@@ -709,7 +1190,10 @@
       const n = (result.rows || []).length;
       const shown = n > MAX_TABLE_ROWS ? ` (the first ${MAX_TABLE_ROWS} shown; add a LIMIT)` : "";
       setStatus(status, `${plan ? "Plan" : `${n} ${n === 1 ? "row" : "rows"}`} in ${fmtMs(result.took_ms)} on the server (${fmtMs(performance.now() - started)} round trip)${plan ? "" : shown}.`);
-      if (!/^\s*(select|with|explain|show|describe|desc)\b/i.test(sql)) refreshCollections();
+      if (!/^\s*(select|with|explain|show|describe|desc)\b/i.test(sql)) {
+        refreshCollections();
+        refreshModels();   // CREATE MODEL and DROP MODEL run here too
+      }
     } catch (err) {
       setStatus(status, "The query failed.", "error");
       show($("sql-plan-box"), false);     // no stale results beside the error
@@ -757,6 +1241,7 @@
 
   setupSearch();
   setupUpload();
+  setupTrain();
   setupSql();
   setupKey();
   refreshHealth();

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,9 +50,11 @@ READ_POSTS = frozenset({
     "/v1/collections/{name}/classify",
     "/v1/featurize",
     "/v1/query",
+    "/v1/models/{name}/predict",
 })
 
-# Real values for path parameters: the seeded collection and one of its ids.
+# Real values for path parameters: the seeded collection (and the model trained on it, both
+# named t) and one of its ids.
 PATH_VALUES = {"name": "t", "id": "1"}
 
 
@@ -85,6 +88,12 @@ EXAMPLES: dict[tuple[str, str], tuple[dict[str, Any], int]] = {
     ("POST", "/v1/featurize"): ({"files": {"file": PNG}}, 503),
     ("POST", "/v1/query"): ({"json": {"sql": "SELECT COUNT(*) FROM t"}}, 200),
     ("GET", "/v1/query"): ({"params": {"q": "SELECT COUNT(*) FROM t"}}, 200),
+    ("GET", "/v1/models"): ({}, 200),
+    ("POST", "/v1/models"): ({"json": {"name": "u", "collection": "t", "label_column": "label",
+                                       "epochs": 1}}, 202),
+    ("GET", "/v1/models/{name}"): ({}, 200),
+    ("DELETE", "/v1/models/{name}"): ({}, 200),
+    ("POST", "/v1/models/{name}/predict"): ({"json": {"vector": [1, 0, 0, 0]}}, 200),
 }
 
 
@@ -148,8 +157,16 @@ def send(client: TestClient, method: str, path: str, key: str | None, **override
 
 
 def seed(client: TestClient) -> None:
-    """Collection `t`: 4-d cosine, label/year columns, ids 1..4 (with the read-write key)."""
+    """Collection `t`: 4-d cosine, label/year columns, ids 1..4, and model `t` trained on
+    its labels (with the read-write key)."""
     seed_t(client, RW)
+    r = client.post("/v1/models", headers=RW, json={"name": "t", "collection": "t",
+                                                    "label_column": "label", "epochs": 1})
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + 30
+    while client.get("/v1/models/t", headers=RW).json()["state"] == "training":
+        assert time.monotonic() < deadline, "model t did not finish training"
+        time.sleep(0.02)
 
 
 def snapshot(client: TestClient) -> Any:
@@ -158,9 +175,10 @@ def snapshot(client: TestClient) -> Any:
     row = client.get("/v1/collections/t/vectors/1", headers=RW)
     rows = client.post("/v1/query", headers=RW,
                        json={"sql": "SELECT id, label, year FROM t ORDER BY id"})
+    models = client.get("/v1/models", headers=RW)
     assert collections.status_code == 200, collections.text
     return (collections.json(), (row.status_code, row.json()),
-            (rows.status_code, rows.json().get("rows")))
+            (rows.status_code, rows.json().get("rows")), models.json())
 
 
 def assert_error(response: Any, status: int, error: str) -> None:

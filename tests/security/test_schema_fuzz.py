@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 # ids 1..3), `pics` holds three uploaded images (2048-d, ids 1..3, with thumbnails),
 # `nope` does not exist (a 404 is then the right answer). Deletes go to `u` and `v`, so
 # that the other operations still find `t` with its data; image routes go to `pics`.
+# Models `t` and `u` are trained on `t`'s labels; model deletes go to `u`.
 SEEDED = ("t", "u", "v")
 DIM_OF_SEEDED = 4
 NAMES = ("t", "t", "nope")
@@ -40,7 +42,8 @@ NAMES_FOR = {"DELETE /v1/collections/{name}": ("u", "nope"),
              "POST /v1/collections/{name}/images": IMAGES,
              "POST /v1/collections/{name}/search/image": IMAGES,
              "POST /v1/collections/{name}/classify": IMAGES,
-             "GET /v1/collections/{name}/vectors/{id}/thumbnail": IMAGES}
+             "GET /v1/collections/{name}/vectors/{id}/thumbnail": IMAGES,
+             "DELETE /v1/models/{name}": ("u", "nope")}
 IDS = (1, 2, 3, 0, 7)
 
 # Refusals of schema-valid requests that a JSON schema cannot state, per operation, as
@@ -90,6 +93,14 @@ EXPECTED_REFUSALS: dict[str, list[tuple[int, str, str, tuple[str, ...] | None]]]
     "POST /v1/featurize": [NOT_AN_IMAGE],
     "POST /v1/query": [SQL],
     "GET /v1/query": [SQL],
+    # The training rows decide: the label column must exist in the collection, not be
+    # its vector column, and hold two classes or more; the filter is SQL.
+    "POST /v1/models": [SQL, (422, "invalid_input", r"has no column|vector column"
+                                                    r"|at least two classes", None)],
+    # A model takes vectors of its own length; an image must decode.
+    "POST /v1/models/{name}/predict": [
+        NOT_AN_IMAGE, (422, "invalid_input", r"takes \d+-d vectors|multipart predict needs",
+                       None)],
 }
 
 
@@ -179,7 +190,8 @@ def map_case(context: Any, case: Any) -> Any:
 def app(tmp_path_factory):
     """The app under test, on a data directory seeded with SEEDED."""
     data_dir = tmp_path_factory.mktemp("fuzz") / "data"
-    s = Settings(data_dir=data_dir, load_featurizer=False, _env_file=None)  # type: ignore[call-arg]
+    s = Settings(data_dir=data_dir, load_featurizer=False, model_max_training=64,  # type: ignore[call-arg]
+                 _env_file=None)
     with TestClient(create_app(s, featurizer=RandomFeaturizer())) as seed:
         for name in SEEDED:
             assert seed.post("/v1/collections", json={
@@ -192,6 +204,12 @@ def app(tmp_path_factory):
         r = seed.post("/v1/collections/pics/images", files=files,
                       data={"ids": "1,2,3", "labels": "cat,dog,cat"})
         assert r.status_code == 200, r.text
+        for model in ("t", "u"):
+            r = seed.post("/v1/models", json={"name": model, "collection": "t",
+                                              "label_column": "label", "epochs": 1})
+            assert r.status_code == 202, r.text
+            while seed.get(f"/v1/models/{model}").json()["state"] == "training":
+                time.sleep(0.02)
     application = create_app(s, featurizer=RandomFeaturizer())
     SCHEMA.app = application  # schemathesis then calls it in process (ASGI, lifespan too)
     yield application
