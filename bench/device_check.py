@@ -413,7 +413,8 @@ def step_engine(report: Any, tiny: bool, write: Callable[[], None]) -> None:
         # N=1e6 float32 at Q=1024 is the scale step's (at 1e7), float16 Q=1024 headline's.
         cells = [Cell(100_000, 512, 1, 10), Cell(100_000, 512, 256, 10),
                  Cell(1_000_000, 2048, 1, 10), Cell(1_000_000, 2048, 1, 10, "float16"),
-                 Cell(1_000_000, 2048, 256, 10, "float16")]
+                 Cell(1_000_000, 2048, 256, 10, "float16"),
+                 Cell(1_000_000, 2048, 256, 10, "bfloat16")]
     contenders = systems()
     report.note("engine", f"device check, reduced grid; systems: "
                           f"{', '.join(s.name for s in contenders)}; GPU: {gpu_status()[1]}")

@@ -25,6 +25,12 @@ from bench.peers import Searcher, System, release, systems
 from bench.reference import check_answers, exact_reference
 
 CHECK_QUERIES = 64
+HALF_DTYPES = ("float16", "bfloat16")  # two bytes an element; every other storage dtype four
+
+
+def itemsize(dtype: str) -> int:
+    """Bytes one stored element of ``dtype`` takes."""
+    return 2 if dtype in HALF_DTYPES else 4
 
 
 @dataclass(frozen=True)
@@ -40,16 +46,21 @@ class Cell:
 
 
 def engine_cells(quick: bool, on_gpu: bool) -> list[Cell]:
-    """The grid: an N x d sweep at Q in (1, 256 or 16), then Q, k, dtype and metric sweeps."""
+    """The grid: an N x d sweep at Q in (1, 256 or 16), then Q, k, dtype and metric sweeps.
+
+    Every half-precision cell is there for both half dtypes (float16 and bfloat16 side by
+    side), so each is compared with float32 and with faiss's own half-precision index.
+    """
     cells: list[Cell] = []
     if quick:
         cells += [Cell(n, 2048, q, 10) for n in (10_000, 50_000) for q in (1, 16)]
-        cells += [Cell(10_000, 128, 1, 10), Cell(10_000, 2048, 1, 10, "float16"),
-                  Cell(10_000, 512, 256, 100), Cell(10_000, 512, 16, 10, metric="l2"),
+        cells += [Cell(10_000, 128, 1, 10)]
+        cells += [Cell(10_000, 2048, 1, 10, half) for half in HALF_DTYPES]
+        cells += [Cell(10_000, 512, 256, 100), Cell(10_000, 512, 16, 10, metric="l2"),
                   Cell(10_000, 512, 16, 10, metric="dot")]
         if on_gpu:
-            cells += [Cell(1_000_000, 2048, 1, 10, "float16"), Cell(1_000_000, 2048, 1024, 100,
-                                                                   "float16")]
+            cells += [Cell(1_000_000, 2048, q, k, half) for q, k in ((1, 10), (1024, 100))
+                      for half in HALF_DTYPES]
         return cells
     ns = [10_000, 100_000, 1_000_000] + ([10_000_000] if on_gpu else [])
     for n in ns:
@@ -57,27 +68,36 @@ def engine_cells(quick: bool, on_gpu: bool) -> list[Cell]:
             for q in (1, 256):
                 cells.append(Cell(n, dim, q, 10))
                 if on_gpu:
-                    cells.append(Cell(n, dim, q, 10, "float16"))
+                    cells += [Cell(n, dim, q, 10, half) for half in HALF_DTYPES]
     base_n = 1_000_000 if on_gpu else 100_000
     cells += [Cell(base_n, 2048, q, 10) for q in (16, 1024)]
     cells += [Cell(base_n, 2048, 256, k) for k in (1, 100, 1000)]
-    cells += [Cell(base_n, 2048, q, 10, "float16") for q in (1, 16, 256, 1024) if not on_gpu]
+    if not on_gpu:
+        cells += [Cell(base_n, 2048, q, 10, half) for q in (1, 16, 256, 1024)
+                  for half in HALF_DTYPES]
     cells += [Cell(base_n, 2048, q, 10, metric=m) for m in ("dot", "l2") for q in (1, 256)]
     return list(dict.fromkeys(cells))
 
 
 def _floor_s(cell: Cell, system: System, limits: dict[str, float]) -> float | None:
-    """The time the hardware needs at least: bytes / bandwidth or flops / GEMM peak."""
-    itemsize = 2 if cell.dtype == "float16" else 4
+    """The time the hardware needs at least: bytes / bandwidth or flops / GEMM peak.
+
+    The device GEMM peak is the cell's dtype's; bench.limits measures no bfloat16 peak
+    (yet), so bfloat16 uses float16's (the same dense tensor-core rate on A100/H100-class
+    GPUs). On the host it is the float32 BLAS peak whatever
+    the storage (half-precision rows are widened and scored in float32 there).
+    """
     if system.device == "gpu":
         bandwidth = limits.get("device_read_GBps")
         peak = limits.get(f"device_gemm_{cell.dtype}_GFLOPs")
+        if not peak and cell.dtype == "bfloat16":
+            peak = limits.get("device_gemm_float16_GFLOPs")
     else:
         bandwidth = limits.get("host_read_GBps")
         peak = limits.get("host_gemm_float32_GFLOPs")
     if not bandwidth or not peak:
         return None
-    return max(cell.n * cell.dim * itemsize / (bandwidth * 1e9),
+    return max(cell.n * cell.dim * itemsize(cell.dtype) / (bandwidth * 1e9),
                2.0 * cell.n * cell.dim * cell.q / (peak * 1e9))
 
 
@@ -114,9 +134,8 @@ def run_cells(report: Report, cells: Iterable[Cell], contenders: list[System],
                 reason = f"estimated over {max_call_s:g} s per call"
             if reason is None and not fits_in_memory(vectors.nbytes * system.extra_copies):
                 reason = "its copy of the vectors does not fit in memory"
-            itemsize = 2 if cell.dtype == "float16" else 4
             if reason is None and system.device == "gpu" and not fits_on_device(
-                    cell.n * cell.dim * itemsize * 1.5):
+                    cell.n * cell.dim * itemsize(cell.dtype) * 1.5):
                 reason = "does not fit in device memory"
             if reason is not None:
                 row["status"] = f"skipped: {reason}"
@@ -153,11 +172,10 @@ def run_cells(report: Report, cells: Iterable[Cell], contenders: list[System],
                 searcher = None  # type: ignore[assignment]
                 release()
             seconds = timing.median_s
-            itemsize = 2 if cell.dtype == "float16" else 4
             floor = _floor_s(cell, system, limits)
             row.update(status="ok", median_ms=seconds * 1e3, qps=cell.q / seconds,
                        vectors_per_s=cell.n * cell.q / seconds,
-                       GB_per_s=cell.n * cell.dim * itemsize / seconds / 1e9,
+                       GB_per_s=cell.n * cell.dim * itemsize(cell.dtype) / seconds / 1e9,
                        GFLOP_per_s=2.0 * cell.n * cell.dim * cell.q / seconds / 1e9,
                        floor_frac=clean(floor / seconds) if floor else None)
             cell_rows.append(row)
@@ -178,7 +196,7 @@ def _bound_search(searcher: Searcher, k: int) -> Callable[[np.ndarray], object]:
 
 def _line(row: dict[str, Any]) -> str:
     head = (f"N={row['n']} d={row['dim']} Q={row['q']} k={row['k']} {row['dtype']} "
-            f"{row['metric']} {row['system']:<14}")
+            f"{row['metric']} {row['system']:<17}")
     if row.get("status") != "ok":
         return f"{head} {row.get('status')}"
     return (f"{head} {row['median_ms']:9.3f} ms {row['qps']:10.1f} q/s "

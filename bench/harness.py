@@ -101,6 +101,7 @@ def measure_interleaved(
     warmup: int = 1,
     settle: int = 1,
     sync: Callable[[], None] | None = None,
+    pause_s: float = 0.0,
 ) -> dict[str, Timing]:
     """Time several systems side by side: every round times each one once, in a rotating
     order and on rotating inputs, so a machine that speeds up or slows down during the run
@@ -108,7 +109,9 @@ def measure_interleaved(
 
     Before each timed call the system runs ``settle`` untimed calls: BLAS and OpenMP
     worker threads keep spinning for a while after a call, and would otherwise slow down
-    whichever system runs next."""
+    whichever system runs next. ``pause_s`` also sleeps that long before each settle, so
+    that the previous system's spinning threads (OpenBLAS's spin for about 0.1 s) have gone
+    idle even when one call is shorter than their spin."""
     sync = sync or _no_sync
     names = list(fns)
     for name in names:
@@ -118,6 +121,8 @@ def measure_interleaved(
     for r in range(rounds):
         for j in range(len(names)):
             name = names[(r + j) % len(names)]
+            if pause_s:
+                time.sleep(pause_s)
             for _ in range(settle):
                 fns[name](inputs[r % len(inputs)])
             sync()

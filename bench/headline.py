@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -114,6 +115,96 @@ def cpu_headlines(report: Report, n: int, dim: int, batch: int = 256, k: int = 1
                    detail=f"{theirs.median_s * 1e3:.1f} ms per batch")
     report.add_ratio(suite, f"CPU Q={batch} k={k} QPS / faiss-cpu IndexFlatIP QPS",
                      theirs.median_s / ours.median_s if faiss_ok and ours_ok else None, 1.0,
+                     detail="interleaved")
+
+
+HALF_DTYPES = ("float16", "bfloat16")
+
+
+def _search_one(index: Any, query: np.ndarray, k: int) -> object:
+    return index.search(query[None], k)
+RECALL_QUERIES = 64
+
+
+def cpu_half_headlines(report: Report, n: int, dim: int, batch: int = 256, k: int = 10) -> None:
+    """Issue 16 on the host: float16 and bfloat16 storage against float32 and faiss-cpu's
+    flat index, side by side (the engine suite has faiss's own half-precision indexes,
+    IndexScalarQuantizer, which score one query at a time: minutes for a Q=256 batch here).
+
+    Single query: GB/s of the bytes each dtype reads over the read bandwidth, and vectors/s
+    over float32's. Q=256: QPS over faiss IndexFlatIP (bfloat16) and over float32 (float16).
+    Recall@k of each storage against the float64 answer on the float32 vectors."""
+    from cpu_fallback import CpuIndex
+    from cpu_fallback.half_scoring import kernel_choices
+
+    faiss = _faiss()
+    suite = "half-precision"
+    vectors = random_vectors(n, dim, offset=1)  # unit rows, as the issue asks
+    ids = np.arange(n, dtype=np.int64)
+    singles = random_vectors(RECALL_QUERIES, dim, offset=2)
+    batches = [random_vectors(batch, dim, offset=3 + r) for r in range(2)]
+    reference = exact_reference(ids, vectors, singles, k, "dot")
+    indexes = {}
+    checked = {}
+    for dtype in ("float32", *HALF_DTYPES):
+        index = CpuIndex(dim, metric="dot", dtype=dtype)
+        for lo in range(0, n, 50_000):
+            index.add(ids[lo:lo + 50_000], vectors[lo:lo + 50_000])
+        indexes[dtype] = index
+        scores, found = index.search(singles, k)
+        recall, refusal = check_answers(scores, found, *reference, dtype)
+        checked[dtype] = refusal is None
+        if dtype != "float32":
+            report.add_ratio(suite, f"recall@{k} of {dtype} storage vs float32 ground truth",
+                             recall, 0.99, detail=f"{RECALL_QUERIES} queries, unit vectors, "
+                             f"d={dim}" + (f"; refused: {refusal}" if refusal else ""))
+    report.note(suite, f"kernels chosen by calibration here: {kernel_choices()}")
+    peers: dict[str, Any] = {}
+    if faiss is None:
+        report.note(suite, "faiss is not installed: its peer is skipped (no faiss ratio)")
+    else:
+        peers["faiss IndexFlatIP float32"] = faiss.IndexFlatIP(dim)
+        peers["faiss IndexFlatIP float32"].add(vectors)
+    threads = os.cpu_count() or 1
+    with ThreadPoolExecutor(threads) as pool:
+        one = measure_interleaved({
+            "read": host_read_pass(vectors, pool, threads),
+            **{dtype: partial(_search_one, index, k=k) for dtype, index in indexes.items()},
+        }, list(singles[:16]), rounds=15, pause_s=0.2)
+    bandwidth = max(vectors.nbytes / one["read"].median_s, host_read_bandwidth(vectors))
+    report.add_row(suite, measure="host read bandwidth (numpy sum, float32 matrix, best seen)",
+                   value=bandwidth / 1e9, unit="GB/s", detail=f"{vectors.nbytes / 1e9:.2f} GB")
+    rates = {}
+    for dtype, index in indexes.items():
+        seconds = one[dtype].median_s
+        rates[dtype] = n / seconds
+        read = index.memory_info()["vector_bytes"]  # the bytes one scan reads
+        report.add_row(suite, measure=f"single query N={n} d={dim} {dtype}",
+                       value=read / seconds / 1e9, unit="GB/s",
+                       detail=f"{seconds * 1e3:.2f} ms, {n / seconds / 1e6:.2f} M vectors/s, "
+                       f"kernel: {index.describe_kernel(1)}")
+        if dtype != "float32":
+            ok = checked[dtype] and checked["float32"]
+            report.add_ratio(suite, f"single query {dtype} GB/s (bytes read) / read bandwidth",
+                             read / seconds / bandwidth if ok else None, 0.8,
+                             detail=f"{read / seconds / 1e9:.1f} / {bandwidth / 1e9:.1f} GB/s")
+            report.add_ratio(suite, f"single query {dtype} vectors/s / float32 vectors/s",
+                             rates[dtype] / rates["float32"] if ok else None, 1.6,
+                             detail="interleaved")
+    contenders: dict[str, Callable[[np.ndarray], object]] = {
+        name: partial(system.search, k=k) for name, system in {**indexes, **peers}.items()}
+    many = measure_interleaved(contenders, batches, rounds=5, pause_s=0.2)
+    qps = {name: batch / timing.median_s for name, timing in many.items()}
+    for name, value in qps.items():
+        kernel = indexes[name].describe_kernel(batch) if name in indexes else "faiss"
+        report.add_row(suite, measure=f"Q={batch} k={k} {name}", value=value, unit="queries/s",
+                       detail=f"{batch / value * 1e3:.1f} ms per batch; kernel: {kernel}")
+    flat = qps.get("faiss IndexFlatIP float32")
+    report.add_ratio(suite, f"Q={batch} k={k} bfloat16 QPS / faiss-cpu IndexFlatIP float32 QPS",
+                     qps["bfloat16"] / flat if flat and checked["bfloat16"] else None, 1.5,
+                     detail="interleaved")
+    report.add_ratio(suite, f"Q={batch} k={k} float16 QPS / float32 QPS",
+                     qps["float16"] / qps["float32"] if checked["float16"] else None, 1.0,
                      detail="interleaved")
 
 
@@ -262,6 +353,7 @@ def gpu_scale(report: Report, n: int, dim: int, batch: int = 1024, k: int = 100)
 def run_headlines(report: Report, n: int, dim: int, gpu_n: int, gpu_scale_n: int = 0) -> None:
     """Both headline sets that this machine can run."""
     cpu_headlines(report, n, dim)
+    cpu_half_headlines(report, n, dim)
     usable, detail = gpu_status()
     if usable:
         gpu_headlines(report, gpu_n, dim)

@@ -154,8 +154,9 @@ class CudaOps:
     def scores(self, queries: Any, rows: Any, out: Any) -> None:
         """out[:] = queries (q, d) @ rows (n, d).T in float32; out may be a column slice.
 
-        float16 operands run on tensor cores with float32 accumulation and output
-        (cupy.matmul on float16 would round the output to float16). Writing into a slice
+        float16 and bfloat16 operands (bfloat16 as its uint16 bits: CuPy has no such
+        dtype) run on tensor cores with float32 accumulation and output (cupy.matmul on
+        float16 would round the output to float16). Writing into a slice
         of a wider buffer lets one top-k cover many blocks.
         """
         cupy, cublas = self.xp, self._cublas
@@ -168,6 +169,7 @@ class CudaOps:
         if out.dtype != np.float32 or out.strides[1] != 4 or out.shape != (q, n):
             raise ValueError("scores writes float32 (q, n) rows with unit column stride")
         kind = {np.dtype(np.float16): cupy.cuda.runtime.CUDA_R_16F,
+                np.dtype(np.uint16): cupy.cuda.runtime.CUDA_R_16BF,
                 np.dtype(np.float32): cupy.cuda.runtime.CUDA_R_32F}[rows.dtype]
         handle = cupy.cuda.device.get_cublas_handle()
         # Row-major out (q, n) with row stride ldc is column-major out^T (n, q): that is
@@ -194,6 +196,10 @@ class CudaOps:
     def count_at_least(self, keys: Any, kth: Any) -> Any:
         """Per row, how many keys are >= that row's kth value (one fused pass)."""
         return (keys >= kth[:, None]).sum(axis=1)
+
+    def supports_bfloat16(self) -> bool:
+        """bfloat16 GEMMs need compute capability 8.0 (Ampere) or newer."""
+        return int(self.xp.cuda.Device().compute_capability) >= 80
 
     def to_host(self, array: Any) -> np.ndarray:
         return self.xp.asnumpy(array)

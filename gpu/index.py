@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import numpy.typing as npt
 
@@ -55,8 +56,8 @@ class GpuIndex(BlockedIndex):
     """Exact index on one GPU; ``cpu_fallback.core.VectorIndex`` states the contract.
 
     Vectors sit in fixed-size device blocks (growth never copies the index). Each block
-    tile is scored with one cuBLAS GEMM (float16 storage: tensor cores, float32
-    accumulation and output), reduced on the device to an exact top-k, and merged; only
+    tile is scored with one cuBLAS GEMM (float16 and bfloat16 storage: tensor cores,
+    float32 accumulation and output), reduced on the device to an exact top-k, and merged; only
     the final k per query are copied to the host. Scratch (score tiles) stays under
     ``scratch_bytes`` (1 GiB by default). Not thread-safe: callers serialise writes
     against reads.
@@ -67,6 +68,7 @@ class GpuIndex(BlockedIndex):
     default_scratch_bytes = GPU_SCRATCH_BYTES
 
     _ops: Any
+    _device_dtype: np.dtype[Any]  # the storage dtype as CuPy holds it
     _block_ids: list[Any]  # device int64 per block, gathered into results on the device
     _tiles: _Tiles | None  # the search under way's tile buffer
 
@@ -74,6 +76,11 @@ class GpuIndex(BlockedIndex):
     def _open_device(self) -> None:
         self._ops = self._device_ops()
         self._xp = self._ops.xp
+        # CuPy has no bfloat16: such rows live on the device as their bits (uint16).
+        self._device_dtype = np.dtype(np.uint16) if self.dtype == "bfloat16" else self._storage
+        if self.dtype == "bfloat16" and not self._ops.supports_bfloat16():
+            raise ValueError(f"bfloat16 storage needs a GPU of compute capability 8.0 or "
+                             f"newer; {self._ops.name} is older: store float16")
         self._block_ids = []
         self._tiles = None
 
@@ -95,6 +102,9 @@ class GpuIndex(BlockedIndex):
         finally:
             self._tiles = None
 
+    def describe_kernel(self, nq: int, ranging: bool = False) -> str:
+        return f"cuBLAS gemmEx, {self.dtype} operands, float32 accumulation and output"
+
     def _device_info(self) -> dict[str, Any]:
         return {"device": self._ops.name, **self._ops.memory()}
 
@@ -102,25 +112,26 @@ class GpuIndex(BlockedIndex):
         return self._ops.to_device(array)
 
     def _to_host(self, array: Any) -> np.ndarray:
-        return self._ops.to_host(array)
+        host = self._ops.to_host(array)
+        return host.view(self._storage) if host.dtype == np.uint16 else host
 
     def _device_index(self, index: Any) -> Any:
         """Slices index the device arrays as they are; offset arrays are uploaded."""
         return index if isinstance(index, slice) else self._ops.to_device(index)
 
     def _upload_queries(self, host_chunk: FloatArray) -> Any:
-        # float16 storage is scored by a float16 GEMM (tensor cores, float32 accumulation),
-        # so queries are cast to float16 as well. A value past float16's range would become
-        # inf and its scores NaN (which torch.topk ranks first): such queries are refused,
-        # as stored vectors are, rather than answered wrongly. (Scoring them in float32
-        # would need a float32 copy of every block.)
+        # Half-precision storage is scored by a half-precision GEMM (tensor cores, float32
+        # accumulation), so queries are cast to the storage dtype as well. A value past its
+        # range would become inf and its scores NaN (which torch.topk ranks first): such
+        # queries are refused, as stored vectors are, rather than answered wrongly.
+        # (Scoring them in float32 would need a float32 copy of every block.)
         with np.errstate(over="ignore"):  # reported just below
             cast = host_chunk.astype(self._storage)
         if not np.isfinite(cast).all():
             raise ValueError(f"queries overflow {self._storage.name} storage (largest "
-                             f"magnitude {float(np.finfo(self._storage).max):g}): scale "
-                             "them down, or store float32")
-        return self._ops.to_device(cast)
+                             f"magnitude {float(ml_dtypes.finfo(self._storage).max):g}): "
+                             "scale them down, or store float32")
+        return self._ops.to_device(cast.view(self._device_dtype))
 
     # ------------------------------------------------------------------ storage
     def _reserve(self, rows: int) -> None:
@@ -157,7 +168,7 @@ class GpuIndex(BlockedIndex):
     def _new_block(self, size: int) -> tuple[Any, Any, Any]:
         """Vectors, ids (-1: none) and squared norms for a block of ``size`` rows."""
         xp = self._xp
-        return (xp.empty((size, self.dim), dtype=self._storage),
+        return (xp.empty((size, self.dim), dtype=self._device_dtype),
                 xp.full(size, -1, dtype=np.int64), xp.zeros(size, dtype=np.float32))
 
     def _write_rows(self, positions: npt.NDArray[np.int64], ids: npt.NDArray[np.int64],
@@ -165,13 +176,13 @@ class GpuIndex(BlockedIndex):
         # Everything is uploaded and computed before the first write, so that running out
         # of memory part way leaves the rows as they were (an upsert or a remove's
         # compaction overwrites rows that searches see).
-        device_rows = self._ops.to_device(rows)
+        device_rows = self._ops.to_device(rows.view(self._device_dtype))
         writes = []
         for b, offsets, where in split_by_block(positions, self._block_rows):
             block_rows = device_rows[self._device_index(where)]
             sq_norms = None
             if self.metric == "l2":
-                as32 = block_rows.astype(np.float32)
+                as32 = self._as_float32(block_rows)
                 sq_norms = (as32 * as32).sum(axis=1)
             writes.append((b, self._device_index(offsets), block_rows,
                            self._ops.to_device(ids[where]), sq_norms))
@@ -180,6 +191,12 @@ class GpuIndex(BlockedIndex):
             self._block_ids[b][offsets_dev] = block_ids
             if sq_norms is not None:
                 self._block_sq_norms[b][offsets_dev] = sq_norms
+
+    def _as_float32(self, device_rows: Any) -> Any:
+        """Stored rows on the device as float32 (bfloat16 bits: a float32's upper half)."""
+        if self._device_dtype == np.uint16:
+            return (device_rows.astype(np.uint32) << 16).view(np.float32)
+        return device_rows.astype(np.float32)
 
     def _drop_blocks(self, keep: int) -> None:
         super()._drop_blocks(keep)
@@ -205,8 +222,8 @@ class GpuIndex(BlockedIndex):
         dropped = np.setdiff1d(np.arange(plan.rows), plan.local, assume_unique=True)
         return _Run(plan.block, plan.rows, None, self._ops.to_device(dropped))
 
-    def _key_tiles(self, chunk: Any, runs: list[_Run], ranging: bool = False
-                   ) -> Iterator[tuple[Any, Any]]:
+    def _key_tiles(self, chunk: Any, runs: list[_Run], ranging: bool = False,
+                   k: int | None = None) -> Iterator[tuple[Any, Any]]:
         """(keys, ids) on the device: keys (q, cols) over as many whole runs as the
         scratch budget holds, higher is closer; ids (cols,). One top-k covers them all.
 

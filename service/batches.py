@@ -19,6 +19,8 @@ from service.storage import RESERVED_COLUMNS, CollectionRecord
 
 MAX_DIM = 65536
 MAX_SHARDS = 256
+# The element type a VECTOR column declares for each storage dtype: VECTOR(d, F16) etc.
+VECTOR_ELEMENTS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 # A declared vector type, kept as spelled for DESCRIBE: VECTOR(4, F16), binary(4096), BLOB.
 VECTOR_TYPE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_(), ]{0,39}$")
 
@@ -31,7 +33,8 @@ def new_record(name: str, dim: int, metric: str, dtype: str, columns: dict[str, 
                vector_type: str | None = None, auto_increment: bool = False,
                shards: int | None = None) -> CollectionRecord:
     """The record of a new collection, or InvalidInput naming what is wrong. The vector
-    column's type defaults to `VECTOR(dim)` (`VECTOR(dim, F16)` for float16 storage)."""
+    column's type defaults to `VECTOR(dim)` (`VECTOR(dim, F16)` for float16 storage,
+    `VECTOR(dim, BF16)` for bfloat16)."""
     check_name("collection", name)
     if name.lower().startswith("_dotsearch") or name.lower().startswith("duckdb"):
         raise InvalidInput(f"collection name {name!r} is reserved")
@@ -48,7 +51,8 @@ def new_record(name: str, dim: int, metric: str, dtype: str, columns: dict[str, 
                                or not 1 <= shards <= MAX_SHARDS):
         raise InvalidInput(f"shards must be an integer in 1..{MAX_SHARDS}, got {shards!r}")
     if vector_type is None:
-        vector_type = f"VECTOR({int(dim)}, F16)" if dtype == "float16" else f"VECTOR({int(dim)})"
+        element = VECTOR_ELEMENTS[dtype]
+        vector_type = f"VECTOR({int(dim)}{'' if element == 'F32' else ', ' + element})"
     if not isinstance(vector_type, str) or not VECTOR_TYPE_RE.fullmatch(vector_type):
         raise InvalidInput(f"vector type must be at most 40 characters of letters, digits, "
                            f"'_(), ' starting with a letter, got {vector_type!r}")

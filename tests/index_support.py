@@ -60,8 +60,10 @@ class EmulatedCudaOps:
 
     def scores(self, queries: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
         # Written in place, as gemmEx does (no score-sized temporary).
-        np.matmul(queries.astype(np.float32, copy=False),
-                  rows.astype(np.float32, copy=False).T, out=out)
+        np.matmul(_as_float32(queries), _as_float32(rows).T, out=out)
+
+    def supports_bfloat16(self) -> bool:
+        return True
 
     def top_k(self, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         shuffle = self._rng.permutation(keys.shape[1])
@@ -85,6 +87,13 @@ class EmulatedCudaOps:
 
     def memory(self) -> dict[str, int]:
         return {}
+
+
+def _as_float32(array: np.ndarray) -> np.ndarray:
+    """Device operands as float32: uint16 holds bfloat16 bits, as on the real device."""
+    if array.dtype == np.uint16:
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    return array.astype(np.float32, copy=False)
 
 
 class _CountingNumpy:
@@ -189,7 +198,9 @@ def stored_values(vectors: np.ndarray, metric: str, dtype: str) -> np.ndarray:
     v = vectors.astype(np.float64)
     if metric == "cosine":
         v = v / np.linalg.norm(v, axis=1, keepdims=True)
-    return v.astype(dtype).astype(np.float64)
+    # Through float32, as an index casts (float64 -> bfloat16 directly can round a tie
+    # the other way).
+    return v.astype(np.float32).astype(dtype).astype(np.float64)
 
 
 def reference_scores(stored: np.ndarray, queries: np.ndarray, metric: str) -> np.ndarray:

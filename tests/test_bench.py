@@ -107,6 +107,44 @@ def test_engine_suite_runs_every_system_and_refuses_a_wrong_peer(tmp_path: Path)
     assert (tmp_path / "engine_d32_q1_k5.png").exists()
 
 
+def test_engine_grid_has_bfloat16_beside_every_float16_cell() -> None:
+    from bench.engine import _floor_s, engine_cells, itemsize
+    from bench.reference import MIN_RECALL, SCORE_TOLERANCE
+
+    for quick in (True, False):
+        for on_gpu in (True, False):
+            cells = engine_cells(quick, on_gpu)
+            halves = {(c.n, c.dim, c.q, c.k, c.metric) for c in cells if c.dtype == "float16"}
+            bhalves = {(c.n, c.dim, c.q, c.k, c.metric) for c in cells if c.dtype == "bfloat16"}
+            assert halves and halves == bhalves, (quick, on_gpu)
+    assert itemsize("bfloat16") == itemsize("float16") == 2 and itemsize("float32") == 4
+    assert {"float32", "float16", "bfloat16"} <= set(MIN_RECALL) & set(SCORE_TOLERANCE)
+    gpu = System("g", "dotsearch", _liar, lambda *_: None, device="gpu")
+    cell = Cell(1000, 100, 1, 10, dtype="bfloat16")
+    limits = {"device_read_GBps": 1.0, "device_gemm_float16_GFLOPs": 1.0}
+    assert _floor_s(cell, gpu, limits) == pytest.approx(1000 * 100 * 2 / 1e9)  # float16 peak
+
+
+@pytest.mark.skipif(not _has("faiss"), reason="faiss is not installed")
+def test_engine_suite_runs_bfloat16_cells_against_faiss_half_precision() -> None:
+    report = _report()
+    cells = [Cell(300, 16, 2, 3, dtype="bfloat16"), Cell(300, 16, 2, 3, dtype="bfloat16",
+                                                          metric="l2"),
+             Cell(300, 16, 2, 3, dtype="float16")]
+    rows = run_engine(report, cells=cells, contenders=systems(include_gpu=False))
+    status = {(r["system"], r["dtype"], r["metric"]): r["status"] for r in rows}
+    for metric in ("cosine", "l2"):
+        for system in ("dotsearch-cpu", "faiss-cpu SQ bf16"):
+            assert status[(system, "bfloat16", metric)] == "ok", status
+        assert status[("faiss-cpu SQ fp16", "bfloat16", metric)].startswith("skipped")
+        assert status[("numpy", "bfloat16", metric)].startswith("skipped")
+    assert status[("faiss-cpu SQ fp16", "float16", "cosine")] == "ok", status
+    assert status[("faiss-cpu SQ bf16", "float16", "cosine")].startswith("skipped")
+    assert all(r["recall"] >= 0.9 for r in rows if r["status"] == "ok")
+    peers = {(r["dtype"], r["peer"]) for r in report.rows["engine-speedups"]}
+    assert {("bfloat16", "faiss-cpu SQ bf16"), ("float16", "faiss-cpu SQ fp16")} <= peers
+
+
 def test_engine_headline_prints_the_ratios(tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     from bench.engine import main
@@ -261,3 +299,24 @@ def test_device_check_dry_run_writes_its_results(tmp_path: Path) -> None:
         assert "no CUDA device" in steps["scale"]["reason"]
     assert (out / "device_check.log").stat().st_size > 0
     assert len(list(out.iterdir())) <= 8  # what the device tool brings back
+
+
+@pytest.mark.skipif(not _has("service.models"), reason="trained models have not landed")
+def test_models_suite_tiny(tmp_path: Path) -> None:
+    from bench.models import run_models
+
+    report = _report()
+    _run_or_skip(run_models, report, n=600, dim=16, classes=3, epochs=2, samples=5)
+    train = report.rows["models-train"]
+    assert [r["kind"] for r in train] == ["logistic", "mlp"], train
+    assert all(r["vectors_per_s"] > 0 and r["train_rows"] > 0 for r in train)
+    predicts = report.rows["models-predict"]
+    assert [r["status"] for r in predicts] == ["ok", "ok"], predicts  # SQL agrees with the API
+    http = report.rows["models-http"]
+    assert [r["what"] for r in http] == ["predict logistic, one vector",
+                                         "predict mlp, one vector", "search top-10, one vector"]
+    assert all(r["requests"] == 5 and r["p99_ms"] >= r["p50_ms"] > 0 for r in http)
+    ratios = [r for r in report.ratios if r["suite"] == "models"]
+    assert len(ratios) == 2 and all(r["target"] == 2.0 for r in ratios), ratios
+    assert {"models", "models-train", "models-predict", "models-http"} <= set(
+        _written(report, tmp_path)["suites"])

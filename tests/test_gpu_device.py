@@ -10,6 +10,7 @@ import tracemalloc
 import types
 from collections.abc import Iterator
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -353,7 +354,7 @@ def test_pinned_staging_falls_back_when_pinning_fails():
 # ---------------------------------------------------------------- on a real device
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, ml_dtypes.bfloat16])
 def test_scores_are_float32_and_write_into_a_slice(dtype):
     import cupy
 
@@ -364,7 +365,10 @@ def test_scores_are_float32_and_write_into_a_slice(dtype):
     queries = rng.standard_normal((5, 300)).astype(dtype)
     rows = rng.standard_normal((777, 300)).astype(dtype)
     buffer = cupy.full((5, 1000), cupy.nan, dtype=cupy.float32)
-    ops.scores(cupy.asarray(queries), cupy.asarray(rows), out=buffer[:, 100:877])
+    # bfloat16 travels as its bits (CuPy has no such dtype): CUDA_R_16BF operands
+    bits = np.uint16 if np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16) else dtype
+    ops.scores(cupy.asarray(queries.view(bits)), cupy.asarray(rows.view(bits)),
+               out=buffer[:, 100:877])
     got = cupy.asnumpy(buffer)
     expected = queries.astype(np.float64) @ rows.astype(np.float64).T
     np.testing.assert_allclose(got[:, 100:877], expected, rtol=1e-3, atol=1e-3)

@@ -257,7 +257,7 @@ def test_memsql_ddl_forms_are_accepted(client: TestClient, ddl: str) -> None:
     ("CREATE TABLE t (id BIGINT, v VECTOR(4), label TEXT DEFAULT 'x')", "DEFAULT NULL"),
     ("CREATE TABLE t (id BIGINT, v VECTOR(4), n INT AUTO_INCREMENT)", "id column"),
     ("CREATE TABLE t (id BIGINT, v VECTOR(4), KEY (nope))", "unknown column 'nope'"),
-    ("CREATE TABLE t (id BIGINT, v VECTOR(4, I8))", "F32 or F16"),
+    ("CREATE TABLE t (id BIGINT, v VECTOR(4, I8))", "F32, F16 or BF16"),
 ])
 def test_ddl_mistakes_are_clear_400s(client: TestClient, ddl: str, words: str) -> None:
     err = sql(client, ddl, status=400)

@@ -15,6 +15,7 @@ from cpu_fallback.core.contract import (
     GATHER_FRACTION,
     GPU_SCRATCH_BYTES,
     METRICS,
+    STORAGE_NUMPY,
     BackendName,
     FloatArray,
     IdArray,
@@ -30,7 +31,7 @@ from cpu_fallback.core.scoring import (
     merge_search_results,
     query_sq_norms,
 )
-from cpu_fallback.core.topk import merge_top_k, sort_rows, top_k_exact
+from cpu_fallback.core.topk import merge_top_k, pack_by_row, sort_rows, top_k_exact
 from cpu_fallback.core.validation import (
     as_ids,
     as_matrix,
@@ -54,6 +55,7 @@ __all__ = [
     "GATHER_FRACTION",
     "GPU_SCRATCH_BYTES",
     "METRICS",
+    "STORAGE_NUMPY",
     "BackendName",
     "BlockRun",
     "BlockedIndex",
@@ -78,6 +80,7 @@ __all__ = [
     "merge_search_results",
     "merge_top_k",
     "normalise_rows",
+    "pack_by_row",
     "plan_runs",
     "prepare_batch",
     "prepare_queries",

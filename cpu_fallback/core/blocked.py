@@ -10,7 +10,13 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from cpu_fallback.core.contract import BLOCK_BYTES, FloatArray, IdArray, VectorIndex
+from cpu_fallback.core.contract import (
+    BLOCK_BYTES,
+    STORAGE_NUMPY,
+    FloatArray,
+    IdArray,
+    VectorIndex,
+)
 from cpu_fallback.core.rows import (
     BlockRun,
     RowIndex,
@@ -70,7 +76,7 @@ class BlockedIndex(VectorIndex):
         self.dim = int(dim)
         self.metric = metric
         self.dtype = dtype
-        self._storage = np.dtype(dtype)
+        self._storage = STORAGE_NUMPY[dtype]
         self._row_bytes = self.dim * self._storage.itemsize
         block_bytes = check_size("block_bytes", block_bytes, BLOCK_BYTES)
         self._block_rows = check_size(
@@ -134,7 +140,8 @@ class BlockedIndex(VectorIndex):
             for q0, q1 in self._query_chunks(nq):
                 host_chunk = query_matrix[q0:q1]
                 best: tuple[Any, Any] | None = None
-                for keys, ids in self._key_tiles(self._upload_queries(host_chunk), runs):
+                for keys, ids in self._key_tiles(self._upload_queries(host_chunk), runs,
+                                                 k=k):
                     best = self._merge_top_k(best, keys, ids, k)
                 if best is not None:  # only the k results per query leave the device
                     self._scoring.finish(self._to_host(best[0]), self._to_host(best[1]),
@@ -175,7 +182,21 @@ class BlockedIndex(VectorIndex):
 
     def get(self, ids: npt.ArrayLike) -> FloatArray:
         """Stored vectors for ids as float32 (n, dim); KeyError for an unknown id."""
-        return self._vectors_at(self._rows.lookup(ids)).astype(np.float32)
+        return self._vectors_at(self._rows.lookup(ids)).astype(np.float32, copy=False)
+
+    def scan(self, rows: int = 16_384) -> Iterator[tuple[IdArray, FloatArray]]:
+        """Every stored row once, in storage order, as (ids, float32 vectors) chunks of at
+        most ``rows`` rows: views of the blocks where they are float32 on the host, no id
+        lookups. The caller keeps writes out until the iteration ends."""
+        rows = check_size("rows", rows, rows)
+        for b in range(blocks_in_use(len(self._rows), self._block_rows)):
+            start = b * self._block_rows
+            n = min(self._block_rows, len(self._rows) - start)
+            for r0 in range(0, n, rows):
+                r1 = min(n, r0 + rows)
+                vectors = self._to_host(self._blocks[b][r0:r1])
+                yield (self._rows.ids_at(slice(start + r0, start + r1)).copy(),
+                       vectors.astype(np.float32, copy=False))
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -192,7 +213,7 @@ class BlockedIndex(VectorIndex):
             "capacity_rows": capacity,
             "block_rows": self._block_rows,
             "vector_bytes": len(self._rows) * self._row_bytes,
-            "allocated_bytes": capacity * (self._row_bytes + 8 + 4 * (self.metric == "l2")),
+            "allocated_bytes": capacity * (self._row_bytes + 8 + 4 * self._keeps_sq_norms()),
             "scratch_budget_bytes": self._scratch_bytes,
             **self._device_info(),
         }
@@ -221,6 +242,10 @@ class BlockedIndex(VectorIndex):
         del self._blocks[keep:], self._block_sq_norms[keep:]
 
     # ------------------------------------------------------------------ host defaults
+    def _keeps_sq_norms(self) -> bool:
+        """Whether ``_block_sq_norms`` hold each row's |x|^2 (l2 ranks by them)."""
+        return self.metric == "l2"
+
     def _open_device(self) -> None:
         """Set up the device (``_xp`` and the like) once the options are checked."""
 
@@ -258,12 +283,14 @@ class BlockedIndex(VectorIndex):
         """What ``_key_tiles`` needs to score one block's candidate rows."""
 
     @abstractmethod
-    def _key_tiles(self, chunk: Any, runs: list[Any], ranging: bool = False
-                   ) -> Iterator[tuple[Any, Any]]:
+    def _key_tiles(self, chunk: Any, runs: list[Any], ranging: bool = False,
+                   k: int | None = None) -> Iterator[tuple[Any, Any]]:
         """(keys (q, n), ids (n,)) per tile over the runs: higher is closer, -inf masked.
 
         keys and ids may be reused buffers, valid only until the next tile. ``ranging``: a
-        range search, which filters whole tiles (more scratch per score than a top-k)."""
+        range search, which filters whole tiles (more scratch per score than a top-k).
+        ``k``: a top-k search's k; a backend may then yield, per tile, only the columns
+        that can be in some query's top k, as keys (q, w) with ids (q, w)."""
 
     @abstractmethod
     def _merge_top_k(self, best: tuple[Any, Any] | None, keys: Any, ids: Any,

@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar, Literal, get_args
 
+import ml_dtypes
 import numpy as np
 import numpy.typing as npt
 
 Metric = Literal["dot", "cosine", "l2"]
-StorageDtype = Literal["float32", "float16"]
+StorageDtype = Literal["float32", "float16", "bfloat16"]
 BackendName = Literal["cpu", "gpu"]
 
 METRICS: tuple[str, ...] = get_args(Metric)
 DTYPES: tuple[str, ...] = get_args(StorageDtype)
 BACKEND_NAMES: tuple[str, ...] = get_args(BackendName)
+
+# numpy has no bfloat16 of its own: ml_dtypes' is the one JAX and TensorFlow share (it
+# rounds to nearest even, as torch and cuBLAS do).
+STORAGE_NUMPY: dict[str, np.dtype[Any]] = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+}
 
 FloatArray = npt.NDArray[np.float32]
 IdArray = npt.NDArray[np.int64]
@@ -122,6 +131,17 @@ class VectorIndex(ABC):
     @abstractmethod
     def memory_info(self) -> dict[str, Any]:
         """Sizes in bytes and rows, the backend and the device it lives on."""
+
+    def scan(self, rows: int = 16_384) -> Iterator[tuple[IdArray, FloatArray]]:
+        """Every stored row once as (ids, float32 vectors) chunks of at most ``rows`` rows.
+
+        An index whose rows live elsewhere (the sharded one) cannot: callers then ``get``
+        the rows by id."""
+        raise NotImplementedError(f"a {self.backend} index does not scan its rows here")
+
+    def describe_kernel(self, nq: int, ranging: bool = False) -> str:
+        """How a search of nq queries is scored (for EXPLAIN)."""
+        return f"exact scoring of {getattr(self, 'dtype', 'float32')} rows"
 
     # ------------------------------------------------------------------ shards
     # One process holds every row: always ready, nothing to watch or reload.

@@ -63,14 +63,21 @@ def _narrow_by_group_max(keys: Keys, ids: Ids, k: int) -> tuple[Keys, Ids] | Non
     cand_keys = keys[cand_rows, cand_cols]
     hit = cand_keys >= bound[cand_rows]
     order = np.flatnonzero(hit)[np.argsort(cand_rows[hit], kind="stable")]
-    hit_rows, hit_cols, hit_keys = cand_rows[order], cand_cols[order], cand_keys[order]
-    counts = np.bincount(hit_rows, minlength=rows)
-    width = int(counts.max())
-    slots = np.arange(len(hit_rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+    hit_rows, hit_cols = cand_rows[order], cand_cols[order]
+    hit_ids = ids[hit_cols] if ids.ndim == 1 else ids[hit_rows, hit_cols]
+    return pack_by_row(hit_rows, cand_keys[order], hit_ids, rows)
+
+
+def pack_by_row(row_of: Ids, keys: Keys, ids: Ids, rows: int) -> tuple[Keys, Ids]:
+    """(row, key, id) triples sorted by row, packed into (rows, width) arrays: each row's
+    keys and ids side by side, padded with -inf and id -1."""
+    counts = np.bincount(row_of, minlength=rows)
+    width = int(counts.max()) if len(row_of) else 0
+    slots = np.arange(len(row_of)) - np.repeat(np.cumsum(counts) - counts, counts)
     packed_keys = np.full((rows, width), -np.inf, keys.dtype)
     packed_ids = np.full((rows, width), -1, np.int64)
-    packed_keys[hit_rows, slots] = hit_keys
-    packed_ids[hit_rows, slots] = ids[hit_cols] if ids.ndim == 1 else ids[hit_rows, hit_cols]
+    packed_keys[row_of, slots] = keys
+    packed_ids[row_of, slots] = ids
     return packed_keys, packed_ids
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import numpy.typing as npt
 
@@ -113,14 +114,15 @@ def prepare_batch(
 
 
 def as_stored(matrix: Matrix, storage: np.dtype) -> np.ndarray:
-    """Rows cast to the storage dtype; ValueError when a value overflows it (float16)."""
+    """Rows cast to the storage dtype; ValueError when a value overflows it (float16, and
+    bfloat16 just below float32's largest)."""
     if storage == matrix.dtype:
         return matrix
     with np.errstate(over="ignore"):  # overflow is reported just below
         stored = matrix.astype(storage)
     if not np.isfinite(stored).all():
         raise ValueError(f"vectors overflow {storage.name} (largest magnitude "
-                         f"{float(np.finfo(storage).max):g})")
+                         f"{float(ml_dtypes.finfo(storage).max):g})")
     return stored
 
 

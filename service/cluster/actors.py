@@ -11,7 +11,7 @@ from service.cluster.shard import ShardActor
 
 # The BLAS thread pools an actor may start; each shard gets its share of the cluster's CPUs,
 # so that shards on one node do not oversubscribe its cores.
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 # How long a fresh actor (a new worker process) or a GPU placement may take to come up.
 START_TIMEOUT_S = 120.0
 

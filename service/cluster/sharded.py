@@ -11,6 +11,7 @@ import numpy.typing as npt
 
 from cpu_fallback.core import (
     ENGINE_OPTIONS,
+    STORAGE_NUMPY,
     FloatArray,
     IdArray,
     IndexUnavailable,
@@ -97,7 +98,7 @@ class ShardedIndex(VectorIndex):
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
         self.timeout_s, self.name = float(timeout_s), name
-        self._storage = np.dtype(dtype)
+        self._storage = STORAGE_NUMPY[dtype]
         self._scoring = Scoring(metric)
         if actors is not None:
             if shards is not None and shards != len(actors):

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from cpu_fallback.half_scoring import kernel_choices
 from service.routes.deps import ServicesDep, in_thread
 
 router = APIRouter(tags=["operations"])
@@ -44,6 +45,7 @@ async def health(services: ServicesDep) -> dict[str, Any]:
     elif services.featurizer_error:
         featurizer["error"] = services.featurizer_error
     return {"status": status, **services.backend, "gpu_memory": gpu_memory(),
+            "half_precision_kernels": kernel_choices(),
             "featurizer": featurizer, "collections": collections}
 
 

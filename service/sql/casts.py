@@ -1,4 +1,4 @@
-"""SingleStore's VECTOR type in SQL text: `VECTOR(n[, F32|F16|F64|I8|I16|I32|I64])` in column
+"""SingleStore's VECTOR type in SQL text: `VECTOR(n[, F32|F16|BF16|F64|I8|I16|I32|I64])` in column
 definitions and in the `:>` / `!:>` casts, and the checks a cast value passes."""
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ ELEMENTS: dict[exp.DType, tuple[str, tuple[int, int] | None]] = {
     exp.DType.BIGINT: ("I64", (-(2**63), 2**63 - 1)),
 }
 F16_MAX = 65504.0
+BF16_MAX = 3.3895313892515355e38  # larger float32 values round to inf in bfloat16
+HALF_MAX = {"F16": F16_MAX, "BF16": BF16_MAX}
 INTEGER_RANGES = {name: bounds for name, bounds in ELEMENTS.values() if bounds is not None}
 
 
@@ -42,11 +44,11 @@ def vector_type(kind: exp.DataType, node: exp.Expr) -> VectorType:
     if args and isinstance(args[0], exp.DataType):
         found = next((e for t, e in ELEMENTS.items() if args[0].is_type(t)), None)
         if found is None:
-            raise error_at("VECTOR elements must be one of F32, F16, F64, I8, I16, I32, I64",
-                           node)
+            raise error_at("VECTOR elements must be one of F32, F16, BF16, F64, I8, I16, I32, "
+                           "I64", node)
         element = found[0]
-    if len(args) > 2 and args[2].name.upper() == "F16":
-        element = "F16"
+    if len(args) > 2 and args[2].name.upper() in HALF_MAX:
+        element = args[2].name.upper()
     return VectorType(vector_dim(args, node), element)
 
 
@@ -57,7 +59,8 @@ def vector_dim(args: list[exp.Expr], node: exp.Expr) -> int:
     try:
         dim = int(str(size.name if size is not None else ""))
     except ValueError:
-        raise error_at("VECTOR needs a dimension: VECTOR(d) or VECTOR(d, F16)", node) from None
+        raise error_at("VECTOR needs a dimension: VECTOR(d), VECTOR(d, F16) or "
+                       "VECTOR(d, BF16)", node) from None
     if dim <= 0:
         raise error_at("VECTOR dimension must be positive", node)
     return dim
@@ -78,8 +81,9 @@ def check_cast(packed: bytes, target: VectorType, node: exp.Expr) -> bytes:
     if count != target.dim:
         raise error_at(f"cannot cast a vector of {count} elements to {target.spelled()}", node)
     values = np.frombuffer(packed, dtype="<f4")
-    if target.element == "F16" and np.any(np.abs(values) > F16_MAX):
-        raise error_at(f"{target.spelled()} holds values within +-{F16_MAX:g}", node)
+    largest = HALF_MAX.get(target.element)
+    if largest is not None and np.any(np.abs(values) > largest):
+        raise error_at(f"{target.spelled()} holds values within +-{largest:g}", node)
     bounds = INTEGER_RANGES.get(target.element)
     if bounds is not None:
         low, high = bounds

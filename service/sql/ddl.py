@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlglot import exp
 
-from service.batches import MAX_SHARDS
+from service.batches import MAX_SHARDS, VECTOR_ELEMENTS
 from service.catalog_values import QueryResult
 from service.errors import InvalidInput
 from service.index_protocol import METRICS
@@ -79,8 +79,9 @@ def create_table(catalog: CollectionStore, stmt: exp.Create) -> QueryResult:
                            "SORT KEY", item)
     _binary_vector(spec)
     if spec.vector is None:
-        raise error_at("a table needs one column of type VECTOR(d) or VECTOR(d, F16), or one "
-                       "binary(N), varbinary(N) or BLOB column of packed float32", stmt)
+        raise error_at("a table needs one column of type VECTOR(d), VECTOR(d, F16) or "
+                       "VECTOR(d, BF16), or one binary(N), varbinary(N) or BLOB column of "
+                       "packed float32", stmt)
     if not spec.has_id:
         raise error_at("a table needs an `id BIGINT PRIMARY KEY` column", stmt)
     for key in keys:
@@ -125,9 +126,11 @@ def _column(spec: TableSpec, col: exp.ColumnDef) -> None:
         if spec.vector is not None:
             raise error_at("a table holds exactly one VECTOR column", col)
         declared = vector_type(kind, col)
-        if declared.element not in ("F32", "F16"):
-            raise error_at("VECTOR columns hold F32 or F16 elements (casts take the others)", col)
-        dtype = "float16" if declared.element == "F16" else "float32"
+        stored = {element: dtype for dtype, element in VECTOR_ELEMENTS.items()}
+        if declared.element not in stored:
+            raise error_at("VECTOR columns hold F32, F16 or BF16 elements (casts take the "
+                           "others)", col)
+        dtype = stored[declared.element]
         spec.vector = (name, declared.dim, dtype, declared.spelled())
     elif kind.is_type(*BINARY_TYPES):
         spec.binaries.append(col)

@@ -1,6 +1,7 @@
-"""The dotsearch SQL dialect: sqlglot's SingleStore plus `<*>`, `VECTOR(d, F16)`, and the
+"""The dotsearch SQL dialect: sqlglot's SingleStore plus `<*>`, `VECTOR(d, F16|BF16)`, the
 MemSQL forms sqlglot does not parse yet (`REPLACE INTO`, `RENAME TABLE`, `SHARD KEY`,
-`SORT KEY`, `KEY ... USING CLUSTERED COLUMNSTORE`)."""
+`SORT KEY`, `KEY ... USING CLUSTERED COLUMNSTORE`), and trained models (`CREATE MODEL`,
+`DROP MODEL`, `SHOW MODELS`, `DESCRIBE MODEL`, `PREDICT(m, v)`)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from sqlglot import TokenType, exp
 from sqlglot.dialects.singlestore import SingleStore
 from sqlglot.errors import ParseError, TokenError
 from sqlglot.parsers.singlestore import SingleStoreParser
+from sqlglot.trie import new_trie
 
 from service.errors import QueryError, QueryTooLarge
 
 # `<*>` needs a token of its own; CARET_AT (Postgres `^@`) is unused by the MySQL family.
 DOT_TOKEN = TokenType.CARET_AT
+# The `kind` of the Create, Drop and Describe trees of the model statements.
+MODEL_KIND = "MODEL"
 
 
 class Dotsearch(SingleStore):
@@ -46,10 +50,88 @@ class Dotsearch(SingleStore):
             "SHARD": lambda self: self._parse_table_key("SHARD"),
             "SORT": lambda self: self._parse_table_key("SORT"),
         }
+        # `SHOW MODELS` (the trained models), beside SingleStore's SHOW forms.
+        SHOW_PARSERS: ClassVar[dict[str, Any]] = {
+            **SingleStoreParser.SHOW_PARSERS,
+            "MODELS": lambda self: self.expression(exp.Show(this="MODELS")),
+        }
+        SHOW_TRIE: ClassVar = new_trie(key.split(" ") for key in SHOW_PARSERS)
+        # PREDICT(m, v) is dotsearch's, not BigQuery's ML.PREDICT: an ordinary call whose
+        # first argument names a model (service/sql/predict.py plans it).
+        FUNCTIONS: ClassVar[dict[str, Any]] = {
+            k: v for k, v in SingleStoreParser.FUNCTIONS.items() if k != "PREDICT"}
+
+        def _at_model(self) -> bool:
+            """The next token is MODEL followed by a name (a table called `model` stays a
+            table: `DESCRIBE model`)."""
+            if self._curr is None or self._curr.text.upper() != MODEL_KIND:
+                return False
+            if self._index + 1 >= len(self._tokens):
+                return False
+            return self._tokens[self._index + 1].token_type not in (TokenType.SEMICOLON,
+                                                                    TokenType.DOT)
+
+        def _parse_model_name(self) -> exp.Table:
+            name = self._parse_id_var(any_token=False)
+            if name is None:
+                self.raise_error("expected a model name")
+            return exp.Table(this=name)
+
+        def _parse_create(self) -> exp.Create | exp.Command:
+            """`CREATE MODEL [IF NOT EXISTS] m KIND logistic|mlp [WITH (option = value,
+            ...)] AS SELECT <vector>, <label> FROM ...`, or any other CREATE."""
+            if not self._at_model():
+                return super()._parse_create()
+            self._advance()
+            exists = self._parse_exists(not_=True)
+            name = self._parse_model_name()
+            if not self._match_text_seq("KIND"):
+                self.raise_error("expected KIND logistic or KIND mlp after the model name")
+            kind = self._parse_var(any_token=True)
+            if kind is None:
+                self.raise_error("expected a model kind (logistic or mlp) after KIND")
+            options = [exp.Property(this=exp.var("KIND"), value=kind)]
+            if self._match(TokenType.WITH):
+                options += self._parse_wrapped_csv(self._parse_model_option)
+            if not self._match(TokenType.ALIAS):
+                self.raise_error("expected AS SELECT <vector>, <label> FROM ...")
+            query = self._parse_ddl_select()
+            if query is None:
+                self.raise_error("expected a SELECT after AS")
+            return self.expression(exp.Create(
+                this=name, kind=MODEL_KIND, exists=exists, expression=query,
+                properties=exp.Properties(expressions=options)))
+
+        def _parse_model_option(self) -> exp.Property:
+            key = self._parse_var(any_token=True)
+            if key is None or not self._match(TokenType.EQ):
+                self.raise_error("expected option = value")
+            value = self._parse_unary()
+            if value is None:
+                self.raise_error("expected a value")
+            return exp.Property(this=key, value=value)
+
+        def _parse_drop(self, exists: bool = False, kind: str | None = None) -> Any:
+            """`DROP MODEL [IF EXISTS] m`, or any other DROP."""
+            if not self._at_model():
+                return super()._parse_drop(exists=exists, kind=kind)
+            self._advance()
+            if_exists = self._parse_exists()
+            return self.expression(exp.Drop(tables=[self._parse_model_name()],
+                                            kind=MODEL_KIND, exists=bool(if_exists)))
+
+        def _parse_describe(self) -> exp.Describe:
+            """`DESCRIBE MODEL m`, or any other DESCRIBE."""
+            if not self._at_model():
+                return super()._parse_describe()
+            self._advance()
+            return self.expression(exp.Describe(this=self._parse_model_name(),
+                                                kind=MODEL_KIND))
 
         def _parse_vector_expressions(self, expressions: list[exp.Expr]) -> list[exp.Expr]:
-            if expressions[1].name.upper() == "F16":
-                return [exp.DataType.build("FLOAT"), expressions[0], exp.var("F16")]
+            if expressions[1].name.upper() in ("F16", "BF16"):  # half-precision storage
+                return [exp.DataType.build("FLOAT"), expressions[0],
+                        exp.var(expressions[1].name.upper())]
             return super()._parse_vector_expressions(expressions)
 
         def _parse_replace(self) -> exp.Expr:

@@ -21,6 +21,7 @@ def describe_plan(catalog: CollectionStore, plans: list[ScopePlan], duckdb_sql: 
             f"[{plan.function}; metric {rec.metric}, {rec.dtype}, backend {catalog.backend_name}]"
         )
         lines.append(f"  rows scanned: {plan.rows} (brute force, every allowed row scored)")
+        lines.append(f"  kernel: {coll.index.describe_kernel(1, ranging=plan.mode == 'range')}")
         if plan.allowed is None:
             lines.append("  metadata pre-filter: none")
         else:
