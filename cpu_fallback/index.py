@@ -65,7 +65,7 @@ class CpuIndex(BlockedIndex):
         self._half = HalfScorer(self._storage, self.dim) if half.is_half(self._storage) else None
 
     def _keeps_sq_norms(self) -> bool:
-        # Half precision keeps them too: its candidate band is scaled by the largest norm.
+        # Half precision keeps them too: its candidate bound scales with each row's norm.
         return self.metric == "l2" or self._half is not None
 
     def _device_info(self) -> dict[str, Any]:
