@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,8 +108,11 @@ def test_static_files_are_served_and_self_contained(server: str) -> None:
     assert not re.search(r"\.(inner|outer)HTML\s*\+?=|insertAdjacentHTML|document\.write", script)
 
 
-def test_page_end_to_end(server: str, browser: Any, photo_files: dict[str, Path],
-                         shots: Path) -> None:
+
+def open_page(browser: Any, shots: Path, prefix: str) -> tuple[Any, Any, list[str], list[Path],
+                                                               Callable[..., None]]:
+    """A desktop-sized context and page whose script errors are collected, and ``shot``,
+    which saves numbered screenshots (``prefix``NN_name.png) into ``shots``."""
     errors: list[str] = []
     context = browser.new_context(viewport={"width": 1200, "height": 900})
     page = context.new_page()
@@ -118,9 +121,33 @@ def test_page_end_to_end(server: str, browser: Any, photo_files: dict[str, Path]
     saved: list[Path] = []
 
     def shot(name: str, target: Any = None, **options: Any) -> None:
-        path = shots / f"{len(saved) + 1:02d}_{name}.png"
+        path = shots / f"{prefix}{len(saved) + 1:02d}_{name}.png"
         (target or page).screenshot(path=str(path), **options)
         saved.append(path)
+
+    return context, page, errors, saved, shot
+
+
+def publish_screenshots(saved: list[Path], rename: Callable[[str], str],
+                        only: set[str] | None = None) -> None:
+    """With DOTSEARCH_UPDATE_SCREENSHOTS=1, copy screenshots into docs/screenshots as
+    web_<rename(name)> (those in ``only`` when given), in 256 colours: a fraction of the
+    size, still sharp enough for a README."""
+    if os.environ.get("DOTSEARCH_UPDATE_SCREENSHOTS") != "1":
+        return
+    from PIL import Image
+
+    DOCS_SHOTS.mkdir(parents=True, exist_ok=True)
+    for path in saved:
+        name = rename(path.name)
+        if only is None or name in only:
+            with Image.open(path) as img:
+                small_png = img.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE)
+            small_png.save(DOCS_SHOTS / f"web_{name}", optimize=True)
+
+def test_page_end_to_end(server: str, browser: Any, photo_files: dict[str, Path],
+                         shots: Path) -> None:
+    context, page, errors, saved, shot = open_page(browser, shots, "")
 
     # 1. A fresh server: the header says what serves it; the empty state is explained.
     page.goto(f"{server}/")
@@ -345,18 +372,9 @@ def test_page_end_to_end(server: str, browser: Any, photo_files: dict[str, Path]
     context.close()
 
     assert not errors, errors
-    if os.environ.get("DOTSEARCH_UPDATE_SCREENSHOTS") == "1":
-        from PIL import Image
-
-        DOCS_SHOTS.mkdir(parents=True, exist_ok=True)
-        for path in saved:
-            name = re.sub(r"^\d+_", "", path.name)
-            if name in ("search.png", "more_like_this.png", "upload.png", "sql_table.png",
-                        "sql_explain.png", "sql_error.png", "phone.png"):
-                # 256 colours: a fraction of the size, still sharp enough for a README.
-                with Image.open(path) as img:
-                    small_png = img.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE)
-                small_png.save(DOCS_SHOTS / f"web_{name}", optimize=True)
+    publish_screenshots(saved, lambda name: re.sub(r"^\d+_", "", name), {
+        "search.png", "more_like_this.png", "upload.png", "sql_table.png", "sql_explain.png",
+        "sql_error.png", "phone.png"})
     print(f"screenshots: {shots}")
 
 
@@ -403,17 +421,7 @@ def test_train_panel_end_to_end(server: str, browser: Any, photo_files: dict[str
     """Train a classifier through the page, watch it, read its metrics and confusion
     matrix, see its prediction beside the neighbours' vote, cancel a training, drop a model."""
     labelled_vectors(server, photo_files)
-    errors: list[str] = []
-    context = browser.new_context(viewport={"width": 1200, "height": 900})
-    page = context.new_page()
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.set_default_timeout(60_000)
-    saved: list[Path] = []
-
-    def shot(name: str, target: Any = None, **options: Any) -> None:
-        path = shots / f"train_{len(saved) + 1:02d}_{name}.png"
-        (target or page).screenshot(path=str(path), **options)
-        saved.append(path)
+    context, page, errors, saved, shot = open_page(browser, shots, "train_")
 
     page.goto(f"{server}/")
 
@@ -537,13 +545,6 @@ def test_train_panel_end_to_end(server: str, browser: Any, photo_files: dict[str
     context.close()
 
     assert not errors, errors
-    if os.environ.get("DOTSEARCH_UPDATE_SCREENSHOTS") == "1":
-        from PIL import Image
-
-        DOCS_SHOTS.mkdir(parents=True, exist_ok=True)
-        for path in saved:
-            with Image.open(path) as img:
-                small_png = img.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE)
-            name = re.sub(r"_\d+_", "_", path.name)  # train_01_trained.png -> train_trained.png
-            small_png.save(DOCS_SHOTS / f"web_{name}", optimize=True)
+    # train_01_trained.png -> train_trained.png
+    publish_screenshots(saved, lambda name: re.sub(r"_\d+_", "_", name))
     print(f"screenshots: {shots}")

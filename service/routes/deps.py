@@ -7,13 +7,14 @@ import json
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from fastapi import Depends, Header, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
 
 from service.auth import Access, authenticate, authorize
-from service.errors import NotReady, PayloadTooLarge
+from service.errors import InvalidInput, NotReady, PayloadTooLarge
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -87,6 +88,8 @@ def require_write(granted: GrantedDep) -> None:
     authorize(granted, "write")
 
 
+BodyT = TypeVar("BodyT", bound=BaseModel)
+
 READ = [Depends(require_read)]
 WRITE = [Depends(require_write)]
 
@@ -104,6 +107,17 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"request body over the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def json_body(request: Request, limit: int, model: type[BodyT], what: str) -> BodyT:
+    """The body parsed as ``model`` straight from bytes; InvalidInput naming the first five
+    problems ("invalid <what> body: loc: msg; ...") when it does not validate."""
+    try:
+        return model.model_validate_json(await read_body(request, limit))
+    except ValidationError as exc:
+        raise InvalidInput(f"invalid {what} body: " + "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        ) from exc
 
 
 def _finite(value: Any) -> Any:

@@ -7,12 +7,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from fastapi import APIRouter, Request
-from pydantic import ValidationError
 
 from service.errors import InvalidInput, UnsupportedMediaType
 from service.models import ModelInfo
 from service.models.usecase import train_collection
-from service.routes.deps import READ, WRITE, ServicesDep, in_thread, read_body
+from service.routes.deps import READ, WRITE, ServicesDep, in_thread, json_body
 from service.routes.images import IMAGE_SCHEMA, featurize_uploads
 from service.schemas import (
     ERROR_RESPONSES,
@@ -97,13 +96,8 @@ async def predict(name: ModelNamePath, request: Request, services: ServicesDep
             raise InvalidInput("multipart predict needs an image file part named 'file'")
         vectors, _, _ = await featurize_uploads(services, [upload])  # type: ignore[list-item]
     elif ctype in ("application/json", ""):
-        try:
-            body = PredictBody.model_validate_json(
-                await read_body(request, services.settings.max_body_bytes))
-        except ValidationError as exc:
-            raise InvalidInput("invalid predict body: " + "; ".join(
-                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
-            ) from exc
+        body = await json_body(request, services.settings.max_body_bytes, PredictBody,
+                               "predict")
         many = body.vectors is not None
         vectors = body.vectors if many else [body.vector]
     else:

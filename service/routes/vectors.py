@@ -14,7 +14,7 @@ from pydantic import ValidationError, WithJsonSchema
 
 from service.catalog_values import as_id_array
 from service.errors import BadRequest, InvalidInput, UnsupportedMediaType
-from service.routes.deps import READ, WRITE, ServicesDep, in_thread, read_body
+from service.routes.deps import READ, WRITE, ServicesDep, in_thread, json_body, read_body
 from service.schemas import (
     DECIMAL,
     ERROR_RESPONSES,
@@ -197,13 +197,8 @@ async def upsert(name: NamePath, request: Request, services: ServicesDep,
     catalog = services.need_catalog()
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
     if ctype in ("application/json", ""):
-        try:
-            body = UpsertBody.model_validate_json(
-                await read_body(request, services.settings.max_body_bytes))
-        except ValidationError as exc:
-            raise InvalidInput("invalid upsert body: " + "; ".join(
-                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
-            ) from exc
+        body = await json_body(request, services.settings.max_body_bytes, UpsertBody,
+                               "upsert")
         id_arr: Any = body.ids
         vectors: Any = np.asarray(body.vectors, dtype=np.float32)
         metadata: Any = body.metadata

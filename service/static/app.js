@@ -265,12 +265,7 @@
     show($("collections-empty"), state.collections.length === 0);
 
     const select = $("search-collection");
-    const previous = select.value;
-    clear(select);
-    for (const c of state.collections) {
-      select.append(el("option", { value: c.name, text: `${c.name} (${c.count})` }));
-    }
-    const names = state.collections.map((c) => c.name);
+    const { previous, names } = fillCollectionSelect(select);
     if (names.includes(previous)) select.value = previous;
     else if (names.includes("images")) select.value = "images";
     else if (state.collections.length) {   // the largest collection is the likeliest to search
@@ -672,15 +667,20 @@
       (!m.dim || !collection.dim || m.dim === collection.dim));
   }
 
-  /** The collection and label-column choices of the form, kept in step with the collections. */
-  function renderTrainChoices() {
-    const select = $("train-collection");
+  /** Refill a <select> with the collections; the choice it had, and the names now offered. */
+  function fillCollectionSelect(select) {
     const previous = select.value;
     clear(select);
     for (const c of state.collections) {
       select.append(el("option", { value: c.name, text: `${c.name} (${c.count})` }));
     }
-    const names = state.collections.map((c) => c.name);
+    return { previous, names: state.collections.map((c) => c.name) };
+  }
+
+  /** The collection and label-column choices of the form, kept in step with the collections. */
+  function renderTrainChoices() {
+    const select = $("train-collection");
+    const { previous, names } = fillCollectionSelect(select);
     if (names.includes(previous)) select.value = previous;
     else if (state.collections.length) {  // the first collection with a label column
       const labelled = state.collections.find((c) => c.columns && "label" in c.columns);
